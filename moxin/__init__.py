@@ -1,0 +1,1 @@
+"""moxin: the Moxin-7B recipe, end to end."""

@@ -1,0 +1,240 @@
+"""The Moxin model: a Mistral-style decoder-only transformer, in one file.
+
+Every training phase (pretraining, SFT, DPO, reasoning SFT, GRPO) trains this `Transformer`.
+This file knows nothing of training, data, Lightning or Hydra: it maps token ids to logits.
+
+Architecture (Mistral 7B v0.1, with more blocks for Moxin-7B):
+    tokens -> embedding -> n_layers x [RMSNorm -> GQA attention (RoPE, causal + sliding window)
+    -> residual -> RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> untied LM head -> logits
+
+Shapes use B = batch, T = sequence length, H = n_heads, K = n_kv_heads, D = head_dim.
+Rotary embeddings use the "rotate half" layout of Hugging Face's Mistral, so weights map to
+`MistralForCausalLM` one to one (see moxin/hf.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 36
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 128
+    hidden_dim: int = 14336
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    sliding_window: int | None = 4096  # keys within the last W positions (self included); None = full causal
+    max_seq_len: int = 32768
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        positive = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                    "hidden_dim", "max_seq_len")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(
+                f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of "
+                f"n_kv_heads ({self.n_kv_heads}) for grouped-query attention"
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"ModelConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"ModelConfig.sliding_window must be >= 1 or None, got {self.sliding_window!r}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
+        if self.init_std <= 0:
+            raise ValueError(f"ModelConfig.init_std must be > 0, got {self.init_std}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Parameter count computed from the shapes (equals sum(p.numel()) of the Transformer)."""
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * self.dim * self.hidden_dim
+        per_layer = attn + mlp + 2 * self.dim
+        embed = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        return self.n_layers * per_layer + self.dim + (embed if include_embeddings else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 N plus attention scores.
+
+        Attention spans min(seq_len, window) keys; the LM head is counted, the embedding lookup is not.
+        """
+        span = min(seq_len, self.sliding_window or seq_len)
+        matmul_params = self.num_params(include_embeddings=False) + self.vocab_size * self.dim
+        attention = 12 * self.n_layers * self.n_heads * self.head_dim * span
+        return 6 * matmul_params + attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 for stability under bf16, as Mistral does.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (T, D), for the given integer positions (T,)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = torch.outer(positions.float(), inv_freq)  # (T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, D): the "rotate half" layout
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, heads, D) by position; cos/sin are (T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # broadcast over heads
+    return x * cos + rotated * sin
+
+
+def sliding_window_mask(q_len: int, k_len: int, window: int | None, device) -> torch.Tensor:
+    """Boolean (q_len, k_len) mask, True = may attend. Queries are the last q_len of k_len positions.
+
+    Query at position i sees key j when j <= i and i - j < window.
+    """
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= (q_pos - k_pos) < window
+    return allowed
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.sliding_window = cfg.sliding_window
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
+        # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head.
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )  # (B, H, T, D)
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        if self.tok_embeddings.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialisation for pretraining from scratch (GPT-2 / OLMo style).
+
+        Normal(0, init_std) everywhere; the projections that write into the residual stream
+        (attention wo, MLP w2) are scaled by 1/sqrt(2 n_layers) so the stream's variance does
+        not grow with depth; norms start at 1.
+        """
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scaled = name.endswith(("attention.wo", "feed_forward.w2"))
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if scaled else std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Logits (B, T, vocab) for tokens (B, T) at positions start_pos .. start_pos + T - 1."""
+        B, T = tokens.shape
+        if start_pos + T > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {start_pos + T} positions exceeds max_seq_len {self.config.max_seq_len}"
+            )
+        positions = torch.arange(start_pos, start_pos + T, device=tokens.device)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        window = self.config.sliding_window
+        # Plain causal attention takes SDPA's fast is_causal path; a window shorter than the
+        # sequence needs an explicit banded mask.
+        mask = None if window is None or T <= window else sliding_window_mask(T, T, window, tokens.device)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask)
+        return self.output(self.norm(h))  # (B, T, vocab)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # Hugging Face interop lives in moxin/hf.py; these are the model's doors to it.
+    @classmethod
+    def from_hf(cls, path: str, dtype: torch.dtype | None = None) -> "Transformer":
+        """Load a transformers `MistralForCausalLM` checkpoint folder (config.json + safetensors)."""
+        from moxin.hf import load_hf
+
+        return load_hf(path, dtype=dtype)
+
+    def save_hf(self, path: str, max_shard_size: str | int = "5GB") -> None:
+        """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+        from moxin.hf import save_hf
+
+        save_hf(self, path, max_shard_size=max_shard_size)
