@@ -1,0 +1,209 @@
+"""The pretraining LightningDataModule: read, tokenise, pack (or load from cache), mix, serve."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader, Subset
+
+from moxin.data.mix import MixedSequenceDataset, validation_dataset
+from moxin.data.pack import PackedSplit, pack_documents
+from moxin.data.sources import SourceConfig, SourceStats, iter_documents, source_fingerprint
+from moxin.tokenizer import load_tokenizer
+
+CACHE_FORMAT = 1  # bump when the packed layout changes, so old caches are not reused
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig]
+    tokenizer: str = "mistral_v1"
+    seq_len: int = 256
+    micro_batch_size: int = 8
+    val_fraction: float = 0.02
+    val_max_sequences: int | None = 64
+    num_samples: int | None = None  # training samples per epoch of the mix; None = all train rows
+    seed: int = 1234
+    num_workers: int = 0
+    cache_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        # Hydra may hand sources over as a list of dicts, or as a dict keyed by source name.
+        if isinstance(self.sources, Mapping):
+            self.sources = [{"name": k, **dict(v)} if isinstance(v, Mapping) else v for k, v in self.sources.items()]
+        if not self.sources:
+            raise ValueError("sources must list at least one source")
+        self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**dict(s)) for s in self.sources]
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sources must have unique names, got {names}")
+        for name in ("seq_len", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("val_max_sequences", "num_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be None or >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+
+class PretrainDataModule(L.LightningDataModule):
+    """Packed, weighted-mixed pretraining data. After `setup()`: `tokenizer`, `train_dataset`,
+    `val_dataset` and `summary` (a JSON-able dict: per-source reading/packing counts and the mix)."""
+
+    def __init__(self, config: DataConfig):
+        super().__init__()
+        self.config = config
+        self.tokenizer = None
+        self.train_dataset: MixedSequenceDataset | None = None
+        self.val_dataset = None
+        self.summary: dict[str, Any] = {}
+        self.resume_samples = 0  # training samples consumed before the checkpoint we resume from
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return  # Lightning calls setup once per stage; packing is done once
+        cfg = self.config
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        train, val, sources = {}, {}, {}
+        for source in cfg.sources:
+            packed, info = self._load_or_pack(source)
+            train[source.name], val[source.name] = packed["train"].rows, packed["val"].rows
+            sources[source.name] = info
+        self.train_dataset = MixedSequenceDataset(
+            train, {s.name: s.weight for s in cfg.sources}, cfg.num_samples, cfg.seed
+        )
+        self.val_dataset = validation_dataset(val, cfg.val_max_sequences)
+        self.summary = {
+            "tokenizer": cfg.tokenizer,
+            "vocab_size": len(self.tokenizer),
+            "seq_len": cfg.seq_len,
+            "sources": sources,
+            "mix": self.train_dataset.mix_summary(),
+            "train_samples": len(self.train_dataset),
+            "train_tokens": len(self.train_dataset) * cfg.seq_len,
+            "val_sequences": len(self.val_dataset),
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        # shuffle=False: the mixed order is already seeded and drawn in the dataset. A resumed
+        # run continues where the checkpoint left off instead of replaying the first samples.
+        dataset = self.train_dataset
+        start = self.resume_samples % len(dataset) if len(dataset) else 0
+        if start:
+            dataset = Subset(dataset, range(start, len(dataset)))
+        return self._loader(dataset, drop_last=True)
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in Lightning checkpoints: how many training samples all ranks have consumed."""
+        trainer = self.trainer
+        if trainer is None:
+            return {"consumed_samples": self.resume_samples}
+        batches = trainer.global_step * trainer.accumulate_grad_batches
+        return {"consumed_samples": batches * self.config.micro_batch_size * trainer.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_samples = int(state.get("consumed_samples", 0))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, drop_last=False)
+
+    def _loader(self, dataset, drop_last: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("PretrainDataModule.setup() must run before asking for a dataloader")
+        workers = self.config.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.config.micro_batch_size,
+            shuffle=False,
+            drop_last=drop_last,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
+
+    # --- reading, packing and the cache ---
+
+    def _load_or_pack(self, source: SourceConfig) -> tuple[dict[str, PackedSplit], dict[str, Any]]:
+        cfg = self.config
+        folder = None
+        if cfg.cache_dir is not None:
+            folder = os.path.join(cfg.cache_dir, f"{source.name}-{self._cache_key(source)}")
+            if os.path.exists(os.path.join(folder, "meta.json")):  # meta.json is written last
+                return _read_cache(folder)
+        stats = SourceStats()
+        train, val = pack_documents(
+            iter_documents(source, stats),
+            self.tokenizer,
+            cfg.seq_len,
+            cfg.val_fraction,
+            progress=cfg.progress,
+            description=f"packing {source.name}",
+            total=source.max_documents,
+        )
+        packed = {"train": train, "val": val}
+        info = {
+            "kind": source.kind,
+            "documents": stats.documents,
+            "bytes": stats.bytes,
+            "skipped": dict(stats.skipped),
+        }
+        for split, p in packed.items():
+            info.update({f"{split}_documents": p.documents, f"{split}_tokens": p.tokens})
+            info.update({f"{split}_dropped_tokens": p.dropped_tokens, f"{split}_rows": len(p.rows)})
+        if folder is not None:
+            _write_cache(folder, packed, info)
+        return packed, {**info, "cached": False}
+
+    def _cache_key(self, source: SourceConfig) -> str:
+        """Everything that decides the packed arrays; the weight only matters to the mix."""
+        key = {
+            "format": CACHE_FORMAT,
+            "source": {k: v for k, v in asdict(source).items() if k != "weight"},
+            "fingerprint": source_fingerprint(source),
+            "tokenizer": self.config.tokenizer,
+            "seq_len": self.config.seq_len,
+            "val_fraction": self.config.val_fraction,
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _atomic_write(path: str, write) -> None:
+    # Write to a temporary name, then rename: a crash never leaves a half-written file under `path`.
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def _write_cache(folder: str, packed: dict[str, PackedSplit], info: dict[str, Any]) -> None:
+    os.makedirs(folder, exist_ok=True)
+    for split, p in packed.items():
+        _atomic_write(os.path.join(folder, f"{split}.npy"), lambda f, rows=p.rows: np.save(f, rows))
+    _atomic_write(os.path.join(folder, "meta.json"), lambda f: f.write(json.dumps(info, indent=1).encode()))
+
+
+def _read_cache(folder: str) -> tuple[dict[str, PackedSplit], dict[str, Any]]:
+    with open(os.path.join(folder, "meta.json")) as f:
+        info = json.load(f)
+    packed = {
+        split: PackedSplit(
+            np.load(os.path.join(folder, f"{split}.npy"), mmap_mode="r"),  # pages shared with workers
+            info[f"{split}_documents"],
+            info[f"{split}_tokens"],
+            info[f"{split}_dropped_tokens"],
+        )
+        for split in ("train", "val")
+    }
+    return packed, {**info, "cached": True}

@@ -1,0 +1,173 @@
+"""The edge between Hydra and moxin: configs become typed objects here and nowhere else.
+
+`run(cfg)` dispatches on `cfg.task`; each task is a plain function `task(cfg) -> dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from moxin.callbacks import ThroughputMonitor
+from moxin.data import DataConfig, PretrainDataModule
+from moxin.generate import generate
+from moxin.model import ModelConfig
+from moxin.modules import MODULES
+
+if logging.getLogger().hasHandlers():
+    # lightning/__init__ adds its own console handler; under Hydra (whose root handlers also write
+    # the run's log file) that prints every message twice.
+    logging.getLogger("lightning").handlers.clear()
+# PretrainDataModule saves and restores the data position itself (its state_dict), which this
+# Lightning warning does not know about.
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+
+
+def run(cfg: DictConfig) -> dict:
+    task = cfg.get("task", "train")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+    return TASKS[task](cfg)
+
+
+def model_config_for_context(model: ModelConfig, context: DictConfig) -> ModelConfig:
+    """The context group may set rope_theta and sliding_window; null keeps the model's own."""
+    changes = {key: context[key] for key in ("rope_theta", "sliding_window") if context.get(key) is not None}
+    model = dataclasses.replace(model, **changes)
+    if context.seq_len > model.max_seq_len:
+        raise ValueError(f"context.seq_len {context.seq_len} exceeds model.max_seq_len {model.max_seq_len}")
+    return model
+
+
+def find_resume_checkpoint(resume: str | None, search_dir: str) -> str | None:
+    """`null`: fresh start; `auto`: the newest *.ckpt under search_dir (if any); else a path."""
+    if resume in (None, "", "none"):
+        return None
+    if resume != "auto":
+        if not os.path.isfile(resume):
+            raise FileNotFoundError(f"resume={resume!r}: no such checkpoint file")
+        return resume
+    found = glob.glob(os.path.join(search_dir, "**", "*.ckpt"), recursive=True)
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    loggers = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+    wandb_cfg = cfg.logger.wandb
+    if wandb_cfg.enabled:
+        # Keep everything wandb writes inside the run folder, not the home folder.
+        for var, sub in [("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"),
+                         ("WANDB_DATA_DIR", "data"), ("WANDB_ARTIFACT_DIR", "artifacts")]:
+            os.environ[var] = str(run_dir / "wandb" / sub)
+        if wandb_cfg.mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"logger.wandb.mode must be offline, online or disabled, got {wandb_cfg.mode!r}")
+        loggers.append(WandbLogger(
+            project=wandb_cfg.project, entity=wandb_cfg.entity, name=cfg.name, save_dir=str(run_dir),
+            group=wandb_cfg.group, tags=list(wandb_cfg.tags or []), offline=wandb_cfg.mode == "offline",
+            mode=wandb_cfg.mode, config=OmegaConf.to_container(cfg, resolve=True),
+        ))
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callbacks: list) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+    phase, hw = cfg.phase, cfg.hardware
+    accumulate = phase.accumulate_grad_batches
+    callbacks = [
+        *callbacks,
+        ThroughputMonitor(model_cfg.flops_per_token(cfg.context.seq_len), hw.peak_tflops),
+        ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step-{step}",
+                        every_n_train_steps=phase.checkpoint_every_steps, save_top_k=phase.keep_checkpoints,
+                        auto_insert_metric_name=False),
+    ]
+    if cfg.progress_bar:
+        callbacks.append(RichProgressBar(leave=True))
+    return L.Trainer(
+        accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes, strategy=hw.strategy,
+        precision=hw.precision, max_steps=phase.max_steps, accumulate_grad_batches=accumulate,
+        gradient_clip_val=phase.gradient_clip_val, val_check_interval=phase.val_every_steps * accumulate,
+        check_val_every_n_epoch=None, limit_val_batches=phase.limit_val_batches, num_sanity_val_steps=0,
+        log_every_n_steps=phase.log_every_steps, logger=build_loggers(cfg, run_dir) or False,
+        callbacks=callbacks, enable_progress_bar=cfg.progress_bar, enable_model_summary=cfg.progress_bar,
+        default_root_dir=str(run_dir),
+    )
+
+
+def train(cfg: DictConfig) -> dict:
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    model_cfg = model_config_for_context(instantiate(cfg.model), cfg.context)
+    data_cfg: DataConfig = instantiate(cfg.data)
+    module = MODULES[cfg.phase.module](model_cfg, instantiate(cfg.phase.optimizer))
+    datamodule = PretrainDataModule(data_cfg)
+    trainer = build_trainer(cfg, run_dir, model_cfg, callbacks=[])
+    if data_cfg.num_samples is None:  # the mix is sized to the run: one epoch = max_steps
+        data_cfg.num_samples = (cfg.phase.max_steps * cfg.phase.accumulate_grad_batches
+                                * data_cfg.micro_batch_size * trainer.world_size)
+
+    checkpoint = find_resume_checkpoint(cfg.resume, cfg.paths.checkpoint_search_dir)
+    metrics: dict = {}
+    if checkpoint is None and cfg.phase.validate_before_training:
+        initial = trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics["val/loss_initial"] = float(initial[0]["val/loss"])
+    elif checkpoint is not None:
+        print(f"Resuming from {checkpoint}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+
+    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    metrics["train/steps"] = float(trainer.global_step)
+    final_dir = run_dir / "final"
+    if trainer.is_global_zero:
+        module.model.save_hf(str(final_dir))
+        datamodule.tokenizer.save_pretrained(str(final_dir))
+    metrics["sample"] = sample_text(module.model, datamodule.tokenizer, cfg.sample)
+    metrics["run_dir"] = str(run_dir)
+    with open(run_dir / "metrics.json", "w") as f:
+        json.dump(metrics, f, indent=2)
+    report(metrics, run_dir, final_dir, datamodule.summary)
+    return metrics
+
+
+def sample_text(model, tokenizer, sample_cfg: DictConfig) -> str:
+    prompt = [tokenizer.bos_token_id] + tokenizer.encode(sample_cfg.prompt, add_special_tokens=False)
+    out = generate(model, [prompt], max_new_tokens=sample_cfg.max_new_tokens,
+                   temperature=sample_cfg.temperature, top_k=sample_cfg.top_k,
+                   stop=[tokenizer.eos_token_id], seed=sample_cfg.seed)
+    # Decode prompt and continuation together: SentencePiece drops a leading space when a
+    # continuation is decoded on its own.
+    return tokenizer.decode(prompt + out.tokens[0], skip_special_tokens=True)
+
+
+def report(metrics: dict, run_dir: Path, final_dir: Path, data_summary: dict) -> None:
+    from rich.console import Console
+    from rich.panel import Panel
+
+    console = Console()
+    losses = "  ".join(f"{k} {metrics[k]:.3f}" for k in ("val/loss_initial", "val/loss", "train/loss")
+                       if k in metrics)
+    console.print(Panel(metrics["sample"], title="sample from the trained model", expand=False))
+    console.print(f"{losses}\nrun folder: {run_dir}\nHugging Face weights: {final_dir}\n"
+                  f"checkpoints: {run_dir / 'checkpoints'}\nmetrics: {run_dir / 'metrics.json'}")
+
+
+TASKS = {"train": train}
+

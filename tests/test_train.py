@@ -1,0 +1,118 @@
+"""Training runs end to end on the tiny config (CPU, seconds)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from moxin.model import ModelConfig, Transformer
+from moxin.modules.base import OptimConfig, lr_multiplier, parameter_groups
+from moxin.train import find_resume_checkpoint, run
+
+DEBUG = ("+experiment=tiny_debug",)
+
+
+def test_two_step_training_run(make_cfg, tmp_path):
+    metrics = run(make_cfg(*DEBUG, "phase.max_steps=2", "phase.val_every_steps=2"))
+    run_dir = tmp_path / "run"
+    assert metrics["train/steps"] == 2
+    assert math.isfinite(metrics["val/loss"]) and math.isfinite(metrics["train/loss"])
+    assert metrics["perf/tokens_per_s"] > 0 and 0 < metrics["perf/mfu"]
+    assert metrics["train/tokens"] == 2 * 4 * 64  # steps x micro batch x seq_len
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert json.loads((run_dir / "metrics.json").read_text())["train/steps"] == 2
+    assert (run_dir / "csv" / "metrics.csv").read_text().startswith(("epoch", "perf", "step", "train", "val"))
+    # The exported weights are the trained model's and load back as a Transformer.
+    exported = Transformer.from_hf(str(run_dir / "final"))
+    assert exported.config.n_layers == 4
+    assert isinstance(metrics["sample"], str) and metrics["sample"].startswith("And God said")
+
+
+def test_validation_loss_falls(make_cfg):
+    metrics = run(make_cfg(*DEBUG))
+    assert metrics["val/loss_initial"] > 10.0  # ~ln(32000) for an untrained model
+    assert metrics["val/loss"] < metrics["val/loss_initial"] - 1.0
+
+
+def test_checkpoints_load_without_unpickling_objects(make_cfg, tmp_path):
+    run(make_cfg(*DEBUG, "phase.max_steps=2"))
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2
+    assert checkpoint["tokens_seen"] == 2 * 4 * 64
+
+
+@pytest.mark.slow
+def test_resume_auto_continues_from_newest_checkpoint(make_cfg, tmp_path):
+    # Runs of one name live under <output_root>/<name>/, where resume=auto looks.
+    first = run(make_cfg(*DEBUG, "phase.max_steps=3", run_name="tiny_debug/first"))
+    assert first["train/steps"] == 3
+    resumed = run(make_cfg(*DEBUG, "phase.max_steps=5", "resume=auto", run_name="tiny_debug/second"))
+    assert resumed["train/steps"] == 5
+    assert resumed["train/tokens"] == 5 * 4 * 64  # the token counter came back with the checkpoint
+    assert "val/loss_initial" not in resumed  # no fresh start
+
+
+@pytest.mark.slow
+def test_resumed_run_equals_uninterrupted_run(make_cfg, tmp_path):
+    straight = run(make_cfg(*DEBUG, "phase.max_steps=6", "phase.checkpoint_every_steps=3",
+                            "phase.keep_checkpoints=-1", run_name="straight"))
+    midway = tmp_path / "straight" / "checkpoints" / "step-3.ckpt"
+    resumed = run(make_cfg(*DEBUG, "phase.max_steps=6", f"resume={midway}", run_name="resumed"))
+    a = Transformer.from_hf(str(tmp_path / "resumed" / "final")).state_dict()
+    b = Transformer.from_hf(str(tmp_path / "straight" / "final")).state_dict()
+    for name in a:  # optimizer state, schedule and data position all came back
+        torch.testing.assert_close(a[name], b[name], msg=name)
+    assert resumed["val/loss"] == pytest.approx(straight["val/loss"], rel=1e-5)
+
+
+def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
+    assert find_resume_checkpoint("auto", str(tmp_path)) is None
+    assert find_resume_checkpoint(None, str(tmp_path)) is None
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        find_resume_checkpoint(str(tmp_path / "missing.ckpt"), str(tmp_path))
+
+
+def test_warmup_then_cosine_to_ten_percent():
+    warm, total = 10, 110
+    assert lr_multiplier(0, warm, total, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_multiplier(9, warm, total, "cosine", 0.1) == pytest.approx(1.0)
+    assert lr_multiplier(60, warm, total, "cosine", 0.1) == pytest.approx(0.55)
+    assert lr_multiplier(110, warm, total, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_multiplier(500, warm, total, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_multiplier(60, warm, total, "linear", 0.0) == pytest.approx(0.5)
+
+
+def test_no_weight_decay_on_norms():
+    model = Transformer(ModelConfig(
+        vocab_size=50, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64))
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {p.ndim for p in no_decay["params"]} == {1}
+    assert len(no_decay["params"]) == 2 * 2 + 1  # two norms per block + the final norm
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
+
+
+def test_bad_optimizer_settings_fail_naming_the_field():
+    with pytest.raises(ValueError, match="schedule"):
+        OptimConfig(schedule="warmup_stable_decay_typo")
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        OptimConfig(min_lr_ratio=2.0)
+
+
+def test_unknown_task_is_refused(make_cfg):
+    with pytest.raises(ValueError, match="unknown task 'trian'"):
+        run(make_cfg("task=trian"))
+
+
+@pytest.mark.slow
+def test_wandb_stays_offline_and_inside_the_run_folder(make_cfg, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("WANDB_MODE", "WANDB_DIR", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    run(make_cfg(*DEBUG, "phase.max_steps=2", "logger=default"))
+    offline_runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert offline_runs, "wandb wrote no offline run into the run folder"
+    assert not list(home.rglob("*wandb*"))
