@@ -206,6 +206,14 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """Logits (B, T, vocab) for tokens (B, T) at positions start_pos .. start_pos + T - 1."""
+        return self.output(self.hidden_states(tokens, start_pos))
+
+    def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """The final normalised hidden states (B, T, dim): the LM head's input.
+
+        Training computes its loss from these and `output.weight` without materialising the
+        (B, T, vocab) logits (see moxin.losses.linear_cross_entropy).
+        """
         B, T = tokens.shape
         if start_pos + T > self.config.max_seq_len:
             raise ValueError(
@@ -220,14 +228,14 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, cos, sin, mask)
-        return self.output(self.norm(h))  # (B, T, vocab)
+        return self.norm(h)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     # Hugging Face interop lives in moxin/hf.py; these are the model's doors to it.
     @classmethod
-    def from_hf(cls, path: str, dtype: torch.dtype | None = None) -> "Transformer":
+    def from_hf(cls, path: str, dtype: torch.dtype | None = None) -> Transformer:
         """Load a transformers `MistralForCausalLM` checkpoint folder (config.json + safetensors)."""
         from moxin.hf import load_hf
 

@@ -14,7 +14,6 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,6 +22,7 @@ from moxin.data import DataConfig, PretrainDataModule
 from moxin.generate import generate
 from moxin.model import ModelConfig
 from moxin.modules import MODULES
+from moxin.system import keep_freed_memory_for_reuse
 
 if logging.getLogger().hasHandlers():
     # lightning/__init__ adds its own console handler; under Hydra (whose root handlers also write
@@ -113,6 +113,8 @@ def train(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.hardware.get("tune_cpu_allocator", False):
+        keep_freed_memory_for_reuse()
 
     model_cfg = model_config_for_context(instantiate(cfg.model), cfg.context)
     data_cfg: DataConfig = instantiate(cfg.data)

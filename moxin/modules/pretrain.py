@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from moxin.losses import causal_lm_loss
+from moxin.losses import linear_cross_entropy
 from moxin.modules.base import MoxinModule
 
 
 class PretrainModule(MoxinModule):
+    def lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # From the final hidden states: the (B, T, vocab) logits are never held in memory.
+        hidden = self.model.hidden_states(batch["input_ids"])  # (B, T, dim)
+        return linear_cross_entropy(hidden, self.model.output.weight, batch["labels"])
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self.model(batch["input_ids"])  # (B, T, V)
-        loss = causal_lm_loss(logits, batch["labels"])
+        loss = self.lm_loss(batch)
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
         self.log("train/loss", loss, on_step=True, prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen), on_step=True)
@@ -19,6 +23,5 @@ class PretrainModule(MoxinModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self.model(batch["input_ids"])
-        loss = causal_lm_loss(logits, batch["labels"])
+        loss = self.lm_loss(batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])

@@ -1,0 +1,90 @@
+"""Every config file composes, instantiates into typed objects, and the CLI runs sweeps."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from hydra.utils import instantiate
+
+from moxin.data import DataConfig
+from moxin.model import ModelConfig
+from moxin.modules import MODULES, OptimConfig
+from moxin.train import model_config_for_context
+from tests.conftest import CONF_DIR
+
+REPO = os.path.dirname(CONF_DIR)
+EXPERIMENTS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(f"{CONF_DIR}/experiment/*.yaml"))
+
+
+def typed_objects(cfg):
+    model = model_config_for_context(instantiate(cfg.model), cfg.context)
+    return model, instantiate(cfg.data), instantiate(cfg.phase.optimizer)
+
+
+def test_default_config_is_the_tiny_offline_demo(make_cfg):
+    cfg = make_cfg()
+    model, data, optim = typed_objects(cfg)
+    assert isinstance(model, ModelConfig) and model.n_layers == 4
+    assert isinstance(data, DataConfig) and {s.kind for s in data.sources} == {"kjv", "python_stdlib"}
+    assert isinstance(optim, OptimConfig) and optim.betas == (0.9, 0.95)
+    assert data.seq_len == cfg.context.seq_len  # one value, interpolated
+    assert cfg.phase.module in MODULES
+    assert cfg.logger.wandb.mode == "offline"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_instantiates(make_cfg, experiment):
+    path = os.path.join(CONF_DIR, "experiment", f"{experiment}.yaml")
+    assert open(path).readline().strip() == "# @package _global_"
+    cfg = make_cfg(f"+experiment={experiment}")
+    model, data, optim = typed_objects(cfg)
+    assert isinstance(model, ModelConfig) and isinstance(data, DataConfig) and isinstance(optim, OptimConfig)
+    assert cfg.phase.module in MODULES
+    assert data.seq_len <= model.max_seq_len
+
+
+def test_experiment_is_not_in_the_defaults_list():
+    defaults = yaml.safe_load(open(os.path.join(CONF_DIR, "config.yaml")))["defaults"]
+    assert not any("experiment" in (d if isinstance(d, str) else next(iter(d))) for d in defaults)
+
+
+def test_full_scale_experiment_is_the_recipe(make_cfg):
+    cfg = make_cfg("+experiment=pretrain_moxin_7b")
+    model, data, optim = typed_objects(cfg)
+    assert model.num_params() == 8_114_180_096
+    assert cfg.context.seq_len == 2048 and cfg.hardware.precision == "bf16-mixed"
+    assert (optim.weight_decay, optim.eps, optim.warmup_steps, optim.min_lr_ratio) == (0.1, 1e-8, 2000, 0.1)
+    assert [s.path for s in data.sources] == [
+        "cerebras/SlimPajama-627B", "mlfoundations/dclm-baseline-1.0", "bigcode/the-stack-dedup"]
+    assert all(s.streaming for s in data.sources)
+
+
+def test_context_longer_than_the_model_is_refused(make_cfg):
+    cfg = make_cfg("context=ctx2k")  # the tiny model has 1024 positions
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model_config_for_context(instantiate(cfg.model), cfg.context)
+
+
+def test_context_can_set_the_window(make_cfg):
+    cfg = make_cfg("model=moxin_7b", "context=ctx32k", "context.sliding_window=1024")
+    assert model_config_for_context(instantiate(cfg.model), cfg.context).sliding_window == 1024
+
+
+@pytest.mark.slow
+def test_multirun_sweep_gives_one_output_folder_per_run(tmp_path):
+    env = {**os.environ, "MOXIN_OUTPUT_ROOT": str(tmp_path), "WANDB_MODE": "disabled"}
+    subprocess.run(
+        [sys.executable, "run.py", "-m", "+experiment=tiny_debug", "phase.optimizer.lr=1e-3,3e-4",
+         "phase.max_steps=1", "phase.val_every_steps=1", "progress_bar=false"],
+        cwd=REPO, env=env, check=True, capture_output=True, timeout=300,
+    )
+    runs = sorted(glob.glob(str(tmp_path / "multirun" / "tiny_debug" / "*" / "*" / "metrics.json")))
+    assert len(runs) == 2
+    lrs = {yaml.safe_load(open(os.path.join(os.path.dirname(r), "config.yaml")))["phase"]["optimizer"]["lr"]
+           for r in runs}
+    assert lrs == {1e-3, 3e-4}
+    assert all(json.load(open(r))["train/steps"] == 1 for r in runs)
