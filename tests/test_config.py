@@ -26,7 +26,7 @@ def typed_objects(cfg):
 
 
 def test_default_config_is_the_tiny_offline_demo(make_cfg):
-    cfg = make_cfg()
+    cfg = make_cfg("logger=default")  # the fixture picks csv; the default logger is W&B offline + CSV
     model, data, optim = typed_objects(cfg)
     assert isinstance(model, ModelConfig) and model.n_layers == 4
     assert isinstance(data, DataConfig) and {s.kind for s in data.sources} == {"kjv", "python_stdlib"}

@@ -33,7 +33,7 @@ def test_linear_cross_entropy_equals_full_logits_loss_and_gradients(reduction, c
     loss = linear_cross_entropy(hidden, weight, labels, reduction=reduction, chunk_size=chunk_size)
     grads = torch.autograd.grad(loss * 2.5, (hidden, weight))  # the upstream gradient is applied
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)
-    for got, want in zip(grads, expected_grads):
+    for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -3,8 +3,8 @@
 Both models get the same weights (ours exported with save_hf, loaded by transformers), the same
 batches and the same AdamW settings; each training step is forward + backward + optimizer step,
 fp32. Each runs its own loss path: ours the chunked linear cross-entropy that PretrainModule
-uses (no full logits), the baseline full logits + cross-entropy, as transformers computes it. Rounds alternate between the two models so that drift in the
-machine's speed hits both alike. Prints one JSON line last.
+uses (no full logits), the baseline full logits + cross-entropy, as transformers computes it.
+Rounds alternate between the two models so that drift in the machine's speed hits both alike. Prints one JSON line last.
 
     python experiments/benchmarks/train_throughput.py [--steps 6] [--compile] [--device cpu]
 """
