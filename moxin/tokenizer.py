@@ -47,7 +47,10 @@ def load_tokenizer(name_or_path: str = MISTRAL_V1):
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        looks_local = name_or_path.startswith(("/", "./", "../", "~")) or os.path.isdir(name_or_path)
+        if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
+            raise FileNotFoundError(f"tokenizer folder {name_or_path!r} does not exist")
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path))
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {name_or_path!r} has no eos token; packing needs one")
     return tokenizer

@@ -116,3 +116,11 @@ def test_wandb_stays_offline_and_inside_the_run_folder(make_cfg, tmp_path, monke
     offline_runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert offline_runs, "wandb wrote no offline run into the run folder"
     assert not list(home.rglob("*wandb*"))
+
+
+def test_gradient_accumulation_counts_optimizer_steps(make_cfg):
+    metrics = run(make_cfg(*DEBUG, "phase.max_steps=2", "phase.accumulate_grad_batches=3",
+                           "phase.val_every_steps=2"))
+    assert metrics["train/steps"] == 2
+    assert metrics["train/tokens"] == 2 * 3 * 4 * 64  # steps x accumulation x micro batch x seq_len
+    assert "val/loss" in metrics  # validation ran at optimizer step 2, not batch 2
