@@ -1,23 +1,92 @@
-"""Token generation: sampling from the model.
+"""Generation: a rolling-buffer KV cache and batched sampling.
 
-This is the plain reference decoder: every step recomputes the logits of the whole (window-
-bounded) sequence, so it is exact and simple but slow for long outputs. The rolling-buffer KV
-cache engine keeps this interface and replaces the inner loop.
+With sliding-window attention a token attends to the last W positions only, so the cache keeps
+W slots per layer and position t is written to slot t mod W: its memory stays constant however
+long the sequence grows. Prompts are prefilled in chunks of at most W tokens (a 32K-token prompt
+needs no more memory than a W-token one), then decoded one token per step for the whole batch.
+
+Batches of prompts of different lengths are left-padded: all rows advance through the same
+"time" t, row r's token at time t has position t - pad[r], and padded slots are masked out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from moxin.model import Transformer
+from moxin.model import ModelConfig, Transformer
+
+
+class RollingKVCache:
+    """Keys and values of every layer for a batch of sequences, in min(W, max_len) slots.
+
+    Used by `Transformer.hidden_states(tokens, cache=...)` through three calls per forward:
+    `prepare(T)` (positions and attention mask of the T new tokens), `update(layer, k, v)`
+    (store the new keys/values and return those to attend over) and `advance(T)`.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, pad: torch.Tensor,
+                 dtype: torch.dtype, device: torch.device | str):
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"prompt + new tokens = {max_len} positions exceeds max_seq_len {cfg.max_seq_len}")
+        self.window = cfg.sliding_window or max_len
+        self.slots = min(self.window, max_len)
+        self.max_len = max_len
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, self.slots, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slot_time = torch.full((self.slots,), -1, dtype=torch.long, device=device)  # -1: empty
+        self.pad = pad.to(device)  # (B,) left padding of each row
+        self.time = 0
+        self._times = self._slot_ids = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def prepare(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (B, T) and boolean attention mask (B, 1, T, keys) for the next T tokens."""
+        if self.time + T > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} positions; {self.time + T} requested")
+        if T > self.slots:
+            raise ValueError(f"chunk of {T} tokens is longer than the cache's {self.slots} slots")
+        times = torch.arange(self.time, self.time + T, device=self.slot_time.device)
+        self._times, self._slot_ids = times, times % self.slots
+        positions = (times[None, :] - self.pad[:, None]).clamp(min=0)
+        if T == 1:  # decode: the new key is written first, then the query attends over the cache
+            key_times = self.slot_time.clone()
+            key_times[self._slot_ids] = times
+        else:  # a prefill chunk attends over the cache plus itself, and is written afterwards
+            key_times = torch.cat([self.slot_time, times])
+        query, key = times[None, :, None], key_times[None, None, :]  # (1, T, 1), (1, 1, keys)
+        mask = (key <= query) & (query - key < self.window) & (key >= self.pad[:, None, None])
+        # A padding query sees no real key; letting it see itself keeps its softmax finite.
+        mask |= key == query
+        return positions, mask[:, None]  # (B, 1, T, keys): broadcast over heads
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store keys/values (B, K, T, D) of the new tokens; return those to attend over."""
+        cache_k, cache_v = self.k[layer], self.v[layer]  # (B, K, slots, D)
+        if k.shape[2] == 1:
+            cache_k.index_copy_(2, self._slot_ids, k)
+            cache_v.index_copy_(2, self._slot_ids, v)
+            return cache_k, cache_v
+        keys, values = torch.cat([cache_k, k], dim=2), torch.cat([cache_v, v], dim=2)
+        cache_k.index_copy_(2, self._slot_ids, k)
+        cache_v.index_copy_(2, self._slot_ids, v)
+        return keys, values
+
+    def advance(self, T: int) -> None:
+        self.slot_time[self._slot_ids] = self._times
+        self.time += T
 
 
 @dataclass
 class Generation:
-    tokens: list[list[int]]  # the new token ids of each prompt (prompt excluded)
-    logprobs: list[list[float]]  # log p(token) under the raw logits (before temperature / top-k / top-p)
+    tokens: list[list[int]]  # the new token ids of each prompt (prompt excluded, stop token included)
+    logprobs: list[list[float]]  # log p(token) = log_softmax(raw logits): before temperature, top-k, top-p
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -31,43 +100,93 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens ranked above it already hold top_p of the mass.
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, stop: list[int] | None = None,
-             seed: int | None = None) -> Generation:
-    """Continue each prompt by up to max_new_tokens tokens; stop early at any token id in `stop`.
+class StopCriteria:
+    """When a row is done: a stop token id, a stop token sequence, or a stop string."""
 
-    Sampling is reproducible for a given seed. The stop token, when hit, is included in `.tokens`.
+    def __init__(self, stop: Sequence[int | str | Sequence[int]] | None, tokenizer=None):
+        self.ids, self.sequences, self.strings = set(), [], []
+        for item in stop or []:
+            if isinstance(item, str):
+                if tokenizer is None:
+                    raise ValueError(f"stop string {item!r} needs generate(..., tokenizer=...) to decode")
+                self.strings.append(item)
+            elif isinstance(item, int):
+                self.ids.add(item)
+            else:
+                self.sequences.append(list(item))
+        self.tokenizer = tokenizer
+
+    def __call__(self, generated: list[int]) -> bool:
+        if generated[-1] in self.ids:
+            return True
+        if any(generated[-len(seq):] == seq for seq in self.sequences):
+            return True
+        if self.strings:
+            text = self.tokenizer.decode(generated, skip_special_tokens=False)
+            return any(s in text for s in self.strings)
+        return False
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, stop: Sequence[int | str | Sequence[int]] | None = None,
+             seed: int | None = None, tokenizer=None,
+             callback: Callable[[int, int], None] | None = None) -> Generation:
+    """Continue each prompt by up to max_new_tokens tokens.
+
+    temperature 0 is greedy; otherwise sampling with temperature, then top-k (0: off), then
+    top-p (1.0: off), reproducible for a given seed. `stop` holds token ids, token-id sequences
+    and strings (strings need `tokenizer`); a row stops when it produces one, and the tokens
+    that completed it are kept in `.tokens`. `.logprobs[r][i]` is log_softmax(logits)[token] of
+    the model's raw fp32 logits, before temperature, top-k or top-p. `callback(row, token_id)`
+    is called for each new token as it is produced (streaming).
     """
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (start it with BOS)")
-    device = next(model.parameters()).device
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, each of at least one token (start with BOS)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    param = next(model.parameters())
+    device = param.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    stop_ids = set(stop or [])
-    limit = model.config.max_seq_len
+    should_stop = StopCriteria(stop, tokenizer)
     was_training = model.training
     model.eval()
-    result = Generation(tokens=[], logprobs=[])
-    for prompt in prompts:
-        sequence, new, logps = list(prompt), [], []
-        for _ in range(max_new_tokens):
-            context = torch.tensor([sequence[-limit:]], device=device)
-            logits = model(context)[0, -1].float()  # (V,)
-            token = int(sample_next(logits[None], temperature, top_k, top_p, generator)[0])
-            logps.append(float(logits.log_softmax(-1)[token]))
-            new.append(token)
-            sequence.append(token)
-            if token in stop_ids:
-                break
-        result.tokens.append(new)
-        result.logprobs.append(logps)
+
+    longest = max(len(p) for p in prompts)
+    pad = torch.tensor([longest - len(p) for p in prompts])
+    tokens = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        tokens[row, longest - len(prompt):] = torch.tensor(prompt)
+    tokens = tokens.to(device)
+    cache = RollingKVCache(model.config, len(prompts), longest + max_new_tokens, pad, param.dtype, device)
+
+    for start in range(0, longest, cache.slots):  # prefill in chunks of at most W tokens
+        hidden = model.hidden_states(tokens[:, start:start + cache.slots], cache=cache)
+    logits = model.output(hidden[:, -1]).float()  # (B, V): only the last position is needed
+
+    out = Generation(tokens=[[] for _ in prompts], logprobs=[[] for _ in prompts])
+    done = [False] * len(prompts)
+    for step in range(max_new_tokens):
+        next_tokens = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        logps = logits.log_softmax(dim=-1).gather(1, next_tokens[:, None]).squeeze(1)
+        for row, (token, logp) in enumerate(zip(next_tokens.tolist(), logps.tolist(), strict=True)):
+            if done[row]:
+                continue  # finished rows keep decoding with the batch; their tokens are dropped
+            out.tokens[row].append(token)
+            out.logprobs[row].append(logp)
+            if callback is not None:
+                callback(row, token)
+            done[row] = should_stop(out.tokens[row])
+        if all(done) or step == max_new_tokens - 1:
+            break
+        logits = model(next_tokens[:, None], cache=cache)[:, -1].float()
     model.train(was_training)
-    return result
+    return out

@@ -95,18 +95,18 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (T, D), for the given integer positions (T,)."""
+    """cos and sin tables, each (..., T, D), for integer positions (T,) or per row (B, T)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    angles = torch.outer(positions.float(), inv_freq)  # (T, D/2)
+    angles = positions.float()[..., None] * inv_freq  # (..., T, D/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, D): the "rotate half" layout
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, heads, D) by position; cos/sin are (T, D)."""
+    """Rotate x (B, T, heads, D) by position; cos/sin are (T, D) or (B, T, D)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # broadcast over heads
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # broadcast over heads
     return x * cos + rotated * sin
 
 
@@ -124,8 +124,9 @@ def sliding_window_mask(q_len: int, k_len: int, window: int | None, device) -> t
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.sliding_window = cfg.sliding_window
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
@@ -134,13 +135,15 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
+        if cache is not None:  # keys/values of earlier positions (moxin/generate.py): (B, K, S, D)
+            k, v = cache.update(self.layer_idx, k, v)
         # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head.
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
@@ -162,15 +165,15 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -179,7 +182,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -204,30 +207,37 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
         """Logits (B, T, vocab) for tokens (B, T) at positions start_pos .. start_pos + T - 1."""
-        return self.output(self.hidden_states(tokens, start_pos))
+        return self.output(self.hidden_states(tokens, start_pos, cache))
 
-    def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
         """The final normalised hidden states (B, T, dim): the LM head's input.
 
         Training computes its loss from these and `output.weight` without materialising the
-        (B, T, vocab) logits (see moxin.losses.linear_cross_entropy).
+        (B, T, vocab) logits (see moxin.losses.linear_cross_entropy). With a `cache` (the
+        rolling-buffer KV cache of moxin/generate.py) the tokens continue the cached sequences:
+        the cache supplies each row's positions and the attention mask, start_pos is unused.
         """
         B, T = tokens.shape
-        if start_pos + T > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence of {start_pos + T} positions exceeds max_seq_len {self.config.max_seq_len}"
-            )
-        positions = torch.arange(start_pos, start_pos + T, device=tokens.device)
+        if cache is not None:
+            positions, mask = cache.prepare(T)  # (B, T), (B, 1, T, keys)
+        else:
+            if start_pos + T > self.config.max_seq_len:
+                raise ValueError(
+                    f"sequence of {start_pos + T} positions exceeds max_seq_len {self.config.max_seq_len}"
+                )
+            positions = torch.arange(start_pos, start_pos + T, device=tokens.device)
+            window = self.config.sliding_window
+            # Plain causal attention takes SDPA's fast is_causal path; a window shorter than the
+            # sequence needs an explicit banded mask.
+            mask = None if window is None or T <= window else sliding_window_mask(T, T, window, tokens.device)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        window = self.config.sliding_window
-        # Plain causal attention takes SDPA's fast is_causal path; a window shorter than the
-        # sequence needs an explicit banded mask.
-        mask = None if window is None or T <= window else sliding_window_mask(T, T, window, tokens.device)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask)
+            h = layer(h, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(T)
         return self.norm(h)
 
     def num_params(self) -> int:

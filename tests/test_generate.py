@@ -60,3 +60,117 @@ def test_top_k_and_top_p_restrict_the_candidates():
 def test_empty_prompt_is_refused(model):
     with pytest.raises(ValueError, match="prompt"):
         generate(model, [[]], max_new_tokens=2)
+
+
+def windowed_model(window=16, vocab=97, layers=2, max_seq_len=256):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab, dim=32, n_layers=layers, n_heads=4, n_kv_heads=2, head_dim=8,
+                      hidden_dim=64, sliding_window=window, max_seq_len=max_seq_len)
+    return Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("prefill", [1, 20, 70])
+def test_rolling_buffer_logits_equal_full_forward_past_the_window(prefill):
+    from moxin.generate import RollingKVCache
+
+    model = windowed_model(window=16)
+    sequence = torch.randint(0, 97, (1, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(sequence)  # (1, 100, V): whole sequence under the sliding-window mask
+        cache = RollingKVCache(model.config, 1, 100, torch.zeros(1, dtype=torch.long), torch.float32, "cpu")
+        assert cache.slots == 16
+        cached = [model(sequence[:, s:min(s + 16, prefill)], cache=cache) for s in range(0, prefill, 16)]
+        cached += [model(sequence[:, t:t + 1], cache=cache) for t in range(prefill, 100)]
+    torch.testing.assert_close(torch.cat(cached, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_mixed_length_batch_rows_equal_generating_each_alone():
+    model = windowed_model(window=16)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (3, 17, 40)]
+    batch = generate(model, prompts, max_new_tokens=30)
+    for row, prompt in enumerate(prompts):
+        alone = generate(model, [prompt], max_new_tokens=30)
+        assert batch.tokens[row] == alone.tokens[0]
+        assert batch.logprobs[row] == pytest.approx(alone.logprobs[0], abs=1e-4)
+
+
+def test_sampled_batch_logprobs_equal_a_full_forward_pass():
+    model = windowed_model(window=8)
+    prompts = [[1, 5, 9, 11, 3], [1, 2]]
+    out = generate(model, prompts, max_new_tokens=20, temperature=0.9, top_k=20, top_p=0.9, seed=5)
+    for prompt, new, logps in zip(prompts, out.tokens, out.logprobs, strict=True):
+        with torch.no_grad():
+            full = model(torch.tensor([prompt + new])).log_softmax(-1)[0]
+        expected = [float(full[len(prompt) - 1 + i, tok]) for i, tok in enumerate(new)]
+        assert logps == pytest.approx(expected, abs=1e-4)
+
+
+class CharTokenizer:
+    """Token id i decodes to chr(97 + i % 26): enough to test stop strings."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_stop_sequences_and_strings():
+    model = windowed_model()
+    free = generate(model, [[1, 3]], max_new_tokens=12).tokens[0]
+    by_sequence = generate(model, [[1, 3]], max_new_tokens=12, stop=[free[4:6]]).tokens[0]
+    assert by_sequence == free[:6]
+    text = CharTokenizer().decode(free)
+    by_string = generate(model, [[1, 3]], max_new_tokens=12, stop=[text[5:8]], tokenizer=CharTokenizer())
+    assert by_string.tokens[0] == free[:8]
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(model, [[1, 3]], max_new_tokens=2, stop=["abc"])
+
+
+def test_finished_rows_do_not_grow_while_others_continue():
+    model = windowed_model()
+    free = generate(model, [[1, 3], [1, 4, 4]], max_new_tokens=10).tokens
+    out = generate(model, [[1, 3], [1, 4, 4]], max_new_tokens=10, stop=[free[0][1]])
+    assert out.tokens[0] == free[0][: free[0].index(free[0][1]) + 1]
+    assert len(out.tokens[1]) <= 10
+
+
+def test_streaming_callback_sees_every_token_in_order():
+    model = windowed_model()
+    seen = []
+    out = generate(model, [[1, 3], [1, 8]], max_new_tokens=7, callback=lambda row, tok: seen.append((row, tok)))
+    for row in (0, 1):
+        assert [t for r, t in seen if r == row] == out.tokens[row]
+
+
+def test_cache_memory_is_bounded_by_the_window():
+    from moxin.generate import RollingKVCache
+
+    model = windowed_model(window=16, max_seq_len=1024)
+    zero = torch.zeros(1, dtype=torch.long)
+    sizes = [RollingKVCache(model.config, 1, n, zero, torch.float32, "cpu").nbytes for n in (16, 64, 256)]
+    assert sizes[0] == sizes[1] == sizes[2] == 2 * 2 * 2 * 16 * 8 * 4  # k+v, layers, kv heads, W, D, fp32
+    short = RollingKVCache(model.config, 1, 10, zero, torch.float32, "cpu")
+    assert short.slots == 10  # never more slots than the sequence needs
+
+
+def test_too_long_a_generation_is_refused():
+    model = windowed_model(max_seq_len=32)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, [[1] * 20], max_new_tokens=20)
+
+
+def test_greedy_matches_transformers_generate(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = windowed_model(window=16, vocab=128, layers=3)
+    model.save_hf(str(tmp_path))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (12, 5, 21)]
+    ours = generate(model, prompts, max_new_tokens=40)
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    assert [row[longest:] for row in theirs.tolist()] == ours.tokens
