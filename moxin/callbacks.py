@@ -8,28 +8,40 @@ import lightning as L
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs perf/tokens_per_s and perf/mfu, averaged over the last `window` batches.
+    """Logs perf/tokens_per_s and perf/mfu over the last `window` training batches.
 
-    MFU = achieved training FLOP/s / (peak FLOP/s per device x devices). `flops_per_token` comes
-    from ModelConfig.flops_per_token; `peak_tflops` from the hardware config (None: no MFU).
+    A batch's time runs from the end of the previous batch to the end of this one, so data
+    loading counts; intervals that contain validation or a checkpoint are not counted (the clock
+    restarts after validation). On a GPU the timings are asynchronous per batch but right on
+    average over the window, since the host cannot run ahead of the device for long.
+    MFU = achieved training FLOP/s / (peak FLOP/s per device x devices), with `flops_per_token`
+    from ModelConfig.flops_per_token and `peak_tflops` from the hardware config (None: no MFU).
     """
 
     def __init__(self, flops_per_token: float, peak_tflops: float | None, window: int = 20):
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_tflops * 1e12 if peak_tflops else None
         self.window = window
-        self._history: list[tuple[float, int]] = []
-        self._start = 0.0
+        self.history: list[tuple[float, int]] = []  # (seconds, tokens) per batch
+        self._last: float | None = None
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
+    def restart_clock(self, *args) -> None:
+        self._last = time.perf_counter()
+
+    on_train_start = on_validation_end = on_save_checkpoint = restart_clock
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
         tokens = batch["input_ids"].numel() * trainer.world_size
-        self._history = (self._history + [(time.perf_counter() - self._start, tokens)])[-self.window:]
-        seconds = sum(s for s, _ in self._history)
-        tokens_per_s = sum(t for _, t in self._history) / max(seconds, 1e-9)
+        if self._last is not None:
+            self.history = (self.history + [(now - self._last, tokens)])[-self.window:]
+        self._last = now
+        if not self.history:
+            return
+        tokens_per_s = sum(t for _, t in self.history) / max(sum(s for s, _ in self.history), 1e-9)
         pl_module.log("perf/tokens_per_s", tokens_per_s, on_step=True, prog_bar=True)
         if self.peak_flops:
-            mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * trainer.world_size)
-            pl_module.log("perf/mfu", mfu, on_step=True)
+            pl_module.log("perf/mfu", self.mfu(tokens_per_s, trainer.world_size), on_step=True)
+
+    def mfu(self, tokens_per_s: float, devices: int) -> float:
+        return tokens_per_s * self.flops_per_token / (self.peak_flops * devices)

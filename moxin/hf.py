@@ -60,6 +60,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
     rope = hf.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"config.json uses rope_type {rope['rope_type']!r}; only 'default' is supported")
+    if hf.get("rope_scaling"):  # the transformers 4 spelling of the same thing
+        raise ValueError(f"config.json sets rope_scaling {hf['rope_scaling']!r}; only plain RoPE is supported")
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         dim=hf["hidden_size"],

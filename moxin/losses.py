@@ -35,8 +35,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size: int, reduction: str):
         valid = labels != IGNORE_INDEX
-        n_valid = valid.sum()
-        scale = 1.0 / n_valid.clamp(min=1).item() if reduction == "mean" else 1.0
+        # A tensor, not .item(): no host-device sync per micro-batch.
+        count = valid.sum().clamp(min=1).float()
+        scale = 1.0 / count if reduction == "mean" else torch.ones_like(count)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         w = weight.to(hidden.dtype)

@@ -10,7 +10,6 @@ import glob
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -28,9 +27,6 @@ if logging.getLogger().hasHandlers():
     # lightning/__init__ adds its own console handler; under Hydra (whose root handlers also write
     # the run's log file) that prints every message twice.
     logging.getLogger("lightning").handlers.clear()
-# PretrainDataModule saves and restores the data position itself (its state_dict), which this
-# Lightning warning does not know about.
-warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -53,12 +49,22 @@ def find_resume_checkpoint(resume: str | None, search_dir: str) -> str | None:
     """`null`: fresh start; `auto`: the newest *.ckpt under search_dir (if any); else a path."""
     if resume in (None, "", "none"):
         return None
+    if resume == "auto" and _in_multirun():
+        raise ValueError("resume=auto is ambiguous in a multirun sweep (every job would take the same "
+                         "checkpoint); give each job its checkpoint path, or resume jobs one by one")
     if resume != "auto":
         if not os.path.isfile(resume):
             raise FileNotFoundError(f"resume={resume!r}: no such checkpoint file")
         return resume
     found = glob.glob(os.path.join(search_dir, "**", "*.ckpt"), recursive=True)
     return max(found, key=os.path.getmtime) if found else None
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -93,6 +99,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callba
         ThroughputMonitor(model_cfg.flops_per_token(cfg.context.seq_len), hw.peak_tflops),
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step-{step}",
                         every_n_train_steps=phase.checkpoint_every_steps, save_top_k=phase.keep_checkpoints,
+                        monitor="step", mode="max",  # "best" = newest: keep the last N
                         auto_insert_metric_name=False),
     ]
     if cfg.progress_bar:
@@ -137,15 +144,16 @@ def train(cfg: DictConfig) -> dict:
 
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     metrics["train/steps"] = float(trainer.global_step)
+    metrics["train/tokens"] = module.tokens_seen  # exact; the logged value is a float32
+    metrics["run_dir"] = str(run_dir)
     final_dir = run_dir / "final"
-    if trainer.is_global_zero:
+    if trainer.is_global_zero:  # one copy of the outputs, written by rank 0
         module.model.save_hf(str(final_dir))
         datamodule.tokenizer.save_pretrained(str(final_dir))
-    metrics["sample"] = sample_text(module.model, datamodule.tokenizer, cfg.sample)
-    metrics["run_dir"] = str(run_dir)
-    with open(run_dir / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=2)
-    report(metrics, run_dir, final_dir, datamodule.summary)
+        metrics["sample"] = sample_text(module.model, datamodule.tokenizer, cfg.sample)
+        with open(run_dir / "metrics.json", "w") as f:
+            json.dump(metrics, f, indent=2)
+        report(metrics, run_dir, final_dir)
     return metrics
 
 
@@ -159,7 +167,7 @@ def sample_text(model, tokenizer, sample_cfg: DictConfig) -> str:
     return tokenizer.decode(prompt + out.tokens[0], skip_special_tokens=True)
 
 
-def report(metrics: dict, run_dir: Path, final_dir: Path, data_summary: dict) -> None:
+def report(metrics: dict, run_dir: Path, final_dir: Path) -> None:
     from rich.console import Console
     from rich.panel import Panel
 

@@ -1,9 +1,18 @@
 import os
+import tempfile
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+@pytest.fixture(autouse=True)
+def offline_and_contained(tmp_path, monkeypatch):
+    """No test reaches a hub, and temporary files land in the test's own tmp_path."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.fixture

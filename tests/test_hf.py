@@ -91,3 +91,13 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"tensor layers\.\d+\.feed_forward\.w[123]\.weight has shape"):
         Transformer.from_hf(str(tmp_path))
+
+
+def test_scaled_rope_is_refused(tmp_path):
+    hf = random_hf_mistral()
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_scaling"] = {"type": "linear", "factor": 4.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="rope_scaling"):
+        Transformer.from_hf(str(tmp_path))

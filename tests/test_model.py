@@ -1,7 +1,10 @@
+import os
+
 import pytest
 import torch
 
 from moxin.model import ModelConfig, Transformer, sliding_window_mask
+from tests.conftest import CONF_DIR
 
 TINY = dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
             hidden_dim=128, max_seq_len=128)
@@ -102,7 +105,7 @@ def test_model_yaml_files_match_the_recipe():
     from omegaconf import OmegaConf
 
     for name, expected in [("moxin_7b", 8_114_180_096), ("mistral_7b", 7_241_732_096)]:
-        cfg = instantiate(OmegaConf.load(f"conf/model/{name}.yaml"))
+        cfg = instantiate(OmegaConf.load(os.path.join(CONF_DIR, "model", f"{name}.yaml")))
         assert cfg.num_params() == expected, name
         assert (cfg.sliding_window, cfg.max_seq_len, cfg.vocab_size) == (4096, 32768, 32000)
 

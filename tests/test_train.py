@@ -14,18 +14,22 @@ DEBUG = ("+experiment=tiny_debug",)
 
 
 def test_two_step_training_run(make_cfg, tmp_path):
-    metrics = run(make_cfg(*DEBUG, "phase.max_steps=2", "phase.val_every_steps=2"))
+    metrics = run(make_cfg(*DEBUG, "phase.max_steps=2", "phase.val_every_steps=2", "phase.log_every_steps=1"))
     run_dir = tmp_path / "run"
     assert metrics["train/steps"] == 2
     assert math.isfinite(metrics["val/loss"]) and math.isfinite(metrics["train/loss"])
     assert metrics["perf/tokens_per_s"] > 0 and 0 < metrics["perf/mfu"]
     assert metrics["train/tokens"] == 2 * 4 * 64  # steps x micro batch x seq_len
-    assert (run_dir / "checkpoints" / "last.ckpt").exists()
     assert json.loads((run_dir / "metrics.json").read_text())["train/steps"] == 2
-    assert (run_dir / "csv" / "metrics.csv").read_text().startswith(("epoch", "perf", "step", "train", "val"))
-    # The exported weights are the trained model's and load back as a Transformer.
-    exported = Transformer.from_hf(str(run_dir / "final"))
-    assert exported.config.n_layers == 4
+    columns = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss", "val/loss", "train/lr", "perf/tokens_per_s", "perf/mfu", "step"} <= set(columns)
+    # The exported Hugging Face weights are the trained model's, as in the final checkpoint.
+    exported = Transformer.from_hf(str(run_dir / "final")).state_dict()
+    trained = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert exported.keys() == {k.removeprefix("model.") for k in trained}
+    for name, tensor in exported.items():
+        torch.testing.assert_close(tensor, trained[f"model.{name}"], msg=name)
+    assert len([k for k in exported if k.endswith("attention.wq.weight")]) == 4  # the tiny model's blocks
     assert isinstance(metrics["sample"], str) and metrics["sample"].startswith("And God said")
 
 
@@ -54,11 +58,17 @@ def test_resume_auto_continues_from_newest_checkpoint(make_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_resumed_run_equals_uninterrupted_run(make_cfg, tmp_path):
-    straight = run(make_cfg(*DEBUG, "phase.max_steps=6", "phase.checkpoint_every_steps=3",
-                            "phase.keep_checkpoints=-1", run_name="straight"))
-    midway = tmp_path / "straight" / "checkpoints" / "step-3.ckpt"
-    resumed = run(make_cfg(*DEBUG, "phase.max_steps=6", f"resume={midway}", run_name="resumed"))
+@pytest.mark.parametrize("every,resume_at,extra", [
+    (2, 2, ()),  # mid-epoch, early
+    (3, 3, ()),  # mid-epoch, halfway
+    (4, 4, ("data.num_samples=12",)),  # 3 batches per epoch: resumes inside the second epoch
+])
+def test_resumed_run_equals_uninterrupted_run(make_cfg, tmp_path, every, resume_at, extra):
+    common = (*DEBUG, "phase.max_steps=7", "phase.val_every_steps=7", *extra)
+    straight = run(make_cfg(*common, f"phase.checkpoint_every_steps={every}", "phase.keep_checkpoints=-1",
+                            run_name="straight"))
+    midway = tmp_path / "straight" / "checkpoints" / f"step-{resume_at}.ckpt"
+    resumed = run(make_cfg(*common, f"resume={midway}", run_name="resumed"))
     a = Transformer.from_hf(str(tmp_path / "resumed" / "final")).state_dict()
     b = Transformer.from_hf(str(tmp_path / "straight" / "final")).state_dict()
     for name in a:  # optimizer state, schedule and data position all came back
@@ -118,9 +128,35 @@ def test_wandb_stays_offline_and_inside_the_run_folder(make_cfg, tmp_path, monke
     assert not list(home.rglob("*wandb*"))
 
 
+def test_gradient_accumulation_equals_one_larger_batch(make_cfg, tmp_path):
+    # Micro-batches of 2 accumulated twice see the same 4 samples as one batch of 4.
+    common = (*DEBUG, "phase.max_steps=1", "phase.validate_before_training=false", "phase.gradient_clip_val=null")
+    run(make_cfg(*common, "context.micro_batch_size=4", run_name="big"))
+    run(make_cfg(*common, "context.micro_batch_size=2", "phase.accumulate_grad_batches=2", run_name="accum"))
+    big = Transformer.from_hf(str(tmp_path / "big" / "final")).state_dict()
+    accumulated = Transformer.from_hf(str(tmp_path / "accum" / "final")).state_dict()
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_gradient_accumulation_counts_optimizer_steps(make_cfg):
     metrics = run(make_cfg(*DEBUG, "phase.max_steps=2", "phase.accumulate_grad_batches=3",
                            "phase.val_every_steps=2"))
     assert metrics["train/steps"] == 2
     assert metrics["train/tokens"] == 2 * 3 * 4 * 64  # steps x accumulation x micro batch x seq_len
     assert "val/loss" in metrics  # validation ran at optimizer step 2, not batch 2
+
+
+def test_resume_auto_is_refused_inside_a_sweep(tmp_path, monkeypatch):
+    import moxin.train
+
+    monkeypatch.setattr(moxin.train, "_in_multirun", lambda: True)
+    with pytest.raises(ValueError, match="multirun"):
+        find_resume_checkpoint("auto", str(tmp_path))
+
+
+def test_keep_checkpoints_keeps_the_newest(make_cfg, tmp_path):
+    run(make_cfg(*DEBUG, "phase.max_steps=7", "phase.checkpoint_every_steps=2", "phase.keep_checkpoints=2",
+                 "phase.validate_before_training=false"))
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.ckpt"))
+    assert kept == ["last.ckpt", "step-4.ckpt", "step-6.ckpt"]  # step 2 dropped; last.ckpt = step 7

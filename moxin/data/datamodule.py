@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Mapping
@@ -11,7 +12,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Sampler
 
 from moxin.data.mix import MixedSequenceDataset, validation_dataset
 from moxin.data.pack import PackedSplit, pack_documents
@@ -59,6 +60,26 @@ class DataConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
+class ResumeSampler(Sampler[int]):
+    """Indices 0..n-1 in order; the first pass after a resume is rotated to begin at `start`.
+
+    The pass keeps its full length because Lightning, resuming mid-epoch, counts the batches it
+    already saw and ends the epoch after the remaining ones: those are exactly start..n-1, and
+    the wrapped-around head is never reached. Under DDP, Lightning shards this order by rank,
+    which continues each rank's share too (start is a multiple of batch x world size).
+    """
+
+    def __init__(self, n: int, start: int = 0):
+        self.n, self.start = n, start
+
+    def __iter__(self):
+        start, self.start = self.start, 0  # only the first pass is rotated
+        return itertools.chain(range(start, self.n), range(start))
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class PretrainDataModule(L.LightningDataModule):
     """Packed, weighted-mixed pretraining data. After `setup()`: `tokenizer`, `train_dataset`,
     `val_dataset` and `summary` (a JSON-able dict: per-source reading/packing counts and the mix)."""
@@ -71,6 +92,15 @@ class PretrainDataModule(L.LightningDataModule):
         self.val_dataset = None
         self.summary: dict[str, Any] = {}
         self.resume_samples = 0  # training samples consumed before the checkpoint we resume from
+
+    def prepare_data(self) -> None:
+        """Lightning runs this on one process per node before `setup` runs on every rank: with a
+        cache, the sources are read and tokenised once here and the ranks load the result."""
+        if self.config.cache_dir is None or self.train_dataset is not None:
+            return
+        self.tokenizer = load_tokenizer(self.config.tokenizer)
+        for source in self.config.sources:
+            self._load_or_pack(source)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
@@ -98,13 +128,15 @@ class PretrainDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        # shuffle=False: the mixed order is already seeded and drawn in the dataset. A resumed
-        # run continues where the checkpoint left off instead of replaying the first samples.
+        # The mixed order is already seeded and drawn in the dataset; the sampler only makes a
+        # resumed run continue where its checkpoint left off instead of replaying samples.
         dataset = self.train_dataset
-        start = self.resume_samples % len(dataset) if len(dataset) else 0
-        if start:
-            dataset = Subset(dataset, range(start, len(dataset)))
-        return self._loader(dataset, drop_last=True)
+        if dataset is None:
+            raise RuntimeError("PretrainDataModule.setup() must run before asking for a dataloader")
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_epoch = len(dataset) // (self.config.micro_batch_size * world) * self.config.micro_batch_size * world
+        start = self.resume_samples % per_epoch if per_epoch else 0
+        return self._loader(dataset, drop_last=True, sampler=ResumeSampler(len(dataset), start))
 
     def state_dict(self) -> dict[str, int]:
         """Saved in Lightning checkpoints: how many training samples all ranks have consumed."""
@@ -120,13 +152,14 @@ class PretrainDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, drop_last=False)
 
-    def _loader(self, dataset, drop_last: bool) -> DataLoader:
+    def _loader(self, dataset, drop_last: bool, sampler: Sampler | None = None) -> DataLoader:
         if dataset is None:
             raise RuntimeError("PretrainDataModule.setup() must run before asking for a dataloader")
         workers = self.config.num_workers
         return DataLoader(
             dataset,
             batch_size=self.config.micro_batch_size,
+            sampler=sampler,
             shuffle=False,
             drop_last=drop_last,
             num_workers=workers,
