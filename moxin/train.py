@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from moxin.callbacks import ThroughputMonitor
 from moxin.data import DataConfig, PretrainDataModule
 from moxin.generate import generate
+from moxin.interactive import chat_task, generate_task
 from moxin.model import ModelConfig
 from moxin.modules import MODULES
 from moxin.system import keep_freed_memory_for_reuse
@@ -179,5 +180,5 @@ def report(metrics: dict, run_dir: Path, final_dir: Path) -> None:
                   f"checkpoints: {run_dir / 'checkpoints'}\nmetrics: {run_dir / 'metrics.json'}")
 
 
-TASKS = {"train": train}
+TASKS = {"train": train, "generate": generate_task, "chat": chat_task}
 
