@@ -174,3 +174,17 @@ def test_greedy_matches_transformers_generate(tmp_path):
         theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
     assert [row[longest:] for row in theirs.tolist()] == ours.tokens
+
+
+@pytest.mark.parametrize("length,window,expected", [
+    (4096, 4096, 603_979_776), (4096, None, 603_979_776),
+    (32768, 4096, 603_979_776), (32768, None, 4_831_838_208),  # the README's table: 8x at 32K
+])
+def test_moxin_7b_cache_bytes_as_in_the_readme(length, window, expected):
+    import dataclasses
+
+    from moxin.generate import RollingKVCache
+
+    cfg = dataclasses.replace(ModelConfig(), sliding_window=window)  # moxin_7b shapes
+    cache = RollingKVCache(cfg, 1, length, torch.zeros(1, dtype=torch.long), torch.bfloat16, "meta")
+    assert cache.nbytes == expected

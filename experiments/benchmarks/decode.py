@@ -53,10 +53,10 @@ def main() -> None:
         prompts = torch.randint(3, cfg.vocab_size, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
         mask = torch.ones_like(prompts)
 
-        def run_ours():
+        def run_ours(prompts=prompts):
             return generate(ours, prompts.tolist(), max_new_tokens=args.new)
 
-        def run_hf():
+        def run_hf(prompts=prompts, mask=mask):
             with torch.inference_mode():
                 return hf.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=args.new,
                                    do_sample=False, eos_token_id=None, pad_token_id=0)
