@@ -12,10 +12,12 @@ Batches of prompts of different lengths are left-padded: all rows advance throug
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from moxin.kernels import onednn_enabled, onednn_linears
 from moxin.model import ModelConfig, Transformer
 
 
@@ -135,7 +137,6 @@ class StopCriteria:
         return False
 
 
-@torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, stop: Sequence[int | str | Sequence[int]] | None = None,
              seed: int | None = None, tokenizer=None,
@@ -147,8 +148,18 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     and strings (strings need `tokenizer`); a row stops when it produces one, and the tokens
     that completed it are kept in `.tokens`. `.logprobs[r][i]` is log_softmax(logits)[token] of
     the model's raw fp32 logits, before temperature, top-k or top-p. `callback(row, token_id)`
-    is called for each new token as it is produced (streaming).
+    is called for each new token as it is produced (streaming). On a CPU with
+    moxin.kernels.use_onednn_on_cpu() switched on, the products run through oneDNN.
     """
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    with onednn_linears(model) if on_cpu and onednn_enabled() else nullcontext():
+        return _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, stop, seed, tokenizer, callback)
+
+
+@torch.inference_mode()
+def _generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+              top_k: int, stop, seed: int | None, tokenizer, callback) -> Generation:
+    """generate(), inside the kernel choice."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token (start with BOS)")
     if max_new_tokens < 1:

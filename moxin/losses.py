@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moxin import kernels
+
 IGNORE_INDEX = -100
 
 
@@ -41,12 +43,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         w = weight.to(hidden.dtype)
+        w_t = w.t().contiguous() if kernels.onednn_enabled() else w.t()  # (dim, V) for grad_hidden
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]
             target = labels[start:start + chunk_size]
             keep = valid[start:start + chunk_size]
-            logits = (h @ w.T).float()  # (chunk, V)
+            logits = kernels.linear(h, w).float()  # (chunk, V)
             rows, safe_target = torch.arange(h.shape[0], device=h.device), target.clamp(min=0)
             target_logit = logits[rows, safe_target]
             weight_row = keep.float() * scale  # d loss / d (per-token loss)
@@ -57,7 +60,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += ((lse - target_logit) * keep).sum()
             grad = logits.mul_(weight_row[:, None] / exp_sum)  # (softmax - one_hot) * weight_row
             grad[rows, safe_target] -= weight_row
-            grad_hidden[start:start + chunk_size] = (grad.to(w.dtype) @ w).to(hidden.dtype)
+            grad_hidden[start:start + chunk_size] = kernels.linear(grad.to(w.dtype), w_t).to(hidden.dtype)
             grad_weight.addmm_(grad.T, h.float())
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total * scale
@@ -82,6 +85,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size, reduction)
     # No gradients wanted (validation): the same loss, chunk by chunk.
-    total = sum(causal_lm_loss(hidden[s:s + chunk_size] @ weight.to(hidden.dtype).T, labels[s:s + chunk_size],
+    weight = weight.to(hidden.dtype)
+    total = sum(causal_lm_loss(kernels.linear(hidden[s:s + chunk_size], weight), labels[s:s + chunk_size],
                                reduction="sum") for s in range(0, hidden.shape[0], chunk_size))
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1) if reduction == "mean" else total

@@ -20,6 +20,7 @@ from moxin.callbacks import ThroughputMonitor
 from moxin.data import DataConfig, PretrainDataModule
 from moxin.generate import generate
 from moxin.interactive import chat_task, generate_task
+from moxin.kernels import onednn_enabled, use_onednn_linears, use_onednn_on_cpu
 from moxin.model import ModelConfig
 from moxin.modules import MODULES
 from moxin.system import keep_freed_memory_for_reuse
@@ -123,10 +124,13 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.hardware.get("tune_cpu_allocator", False):
         keep_freed_memory_for_reuse()
+    use_onednn_on_cpu(cfg.hardware.get("onednn_linears", False))
 
     model_cfg = model_config_for_context(instantiate(cfg.model), cfg.context)
     data_cfg: DataConfig = instantiate(cfg.data)
     module = MODULES[cfg.phase.module](model_cfg, instantiate(cfg.phase.optimizer))
+    if onednn_enabled():
+        use_onednn_linears(module.model)
     datamodule = PretrainDataModule(data_cfg)
     trainer = build_trainer(cfg, run_dir, model_cfg, callbacks=[])
     if data_cfg.num_samples is None:  # the mix is sized to the run: one epoch = max_steps

@@ -130,7 +130,10 @@ def test_wandb_stays_offline_and_inside_the_run_folder(make_cfg, tmp_path, monke
 
 def test_gradient_accumulation_equals_one_larger_batch(make_cfg, tmp_path):
     # Micro-batches of 2 accumulated twice see the same 4 samples as one batch of 4.
-    common = (*DEBUG, "phase.max_steps=1", "phase.validate_before_training=false", "phase.gradient_clip_val=null")
+    # eps=1 and lr=1 make the Adam update ~ the gradient itself: large enough that a wrongly scaled
+    # accumulated gradient shows, while float-order differences stay tiny.
+    common = (*DEBUG, "phase.max_steps=1", "phase.validate_before_training=false", "phase.gradient_clip_val=null",
+              "phase.optimizer.eps=1.0", "phase.optimizer.lr=1.0", "phase.optimizer.weight_decay=0")
     run(make_cfg(*common, "context.micro_batch_size=4", run_name="big"))
     run(make_cfg(*common, "context.micro_batch_size=2", "phase.accumulate_grad_batches=2", run_name="accum"))
     big = Transformer.from_hf(str(tmp_path / "big" / "final")).state_dict()

@@ -1,7 +1,8 @@
 """Decode speed: moxin's generate (rolling-buffer KV cache) vs transformers' `generate`.
 
 One process, the same random weights (ours exported with save_hf, loaded by transformers), the
-same 64-token prompts, greedy, 256 new tokens, fp32: tokens/s at batch 1 and batch 8. Neither
+same 64-token prompts, greedy, 256 new tokens, fp32: tokens/s at batch 1 and batch 8. Ours runs
+as hardware=cpu runs it, with oneDNN products (--mkl: PyTorch's default kernels). Neither
 side stops early (transformers gets eos_token_id=None). Also the cache's bytes for sequences of
 W, 4W and 16W tokens, which the rolling buffer keeps equal. Prints one JSON line last.
 
@@ -18,6 +19,7 @@ import time
 import torch
 
 from moxin.generate import RollingKVCache, generate
+from moxin.kernels import use_onednn_on_cpu
 from moxin.model import ModelConfig, Transformer
 
 
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--mkl", action="store_true", help="ours on PyTorch's default CPU kernels (no oneDNN)")
     args = parser.parse_args()
 
     from transformers import MistralForCausalLM
@@ -48,6 +51,7 @@ def main() -> None:
         ours.save_hf(folder)
         hf = MistralForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32).eval()
 
+    use_onednn_on_cpu(not args.mkl)  # as hardware=cpu runs generate (moxin/kernels.py)
     result = {}
     for batch in (1, 8):
         prompts = torch.randint(3, cfg.vocab_size, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
@@ -75,7 +79,8 @@ def main() -> None:
         "ratio_batch8": round(result[8]["ours"] / result[8]["baseline"], 3), "cache_bytes": cache_bytes,
         "same_greedy_tokens": result[1]["same_tokens"] and result[8]["same_tokens"],
         "config": {"vocab": 32000, "dim": 512, "layers": 8, "heads": 8, "kv_heads": 2, "hidden": 1536,
-                   "window": w, "prompt": args.prompt, "new_tokens": args.new, "dtype": "fp32",
+                   "window": w, "ours_cpu_kernels": "mkl" if args.mkl else "onednn",
+                   "prompt": args.prompt, "new_tokens": args.new, "dtype": "fp32",
                    "threads": torch.get_num_threads()},
     }))
 

@@ -2,8 +2,9 @@
 
 Both models get the same weights (ours exported with save_hf, loaded by transformers), the same
 batches and the same AdamW settings; each training step is forward + backward + optimizer step,
-fp32. Each runs its own loss path: ours the chunked linear cross-entropy that PretrainModule
-uses (no full logits), the baseline full logits + cross-entropy, as transformers computes it.
+fp32. Each runs as its trainer runs it: ours with the chunked linear cross-entropy of
+PretrainModule (no full logits) and, on the CPU, oneDNN products (hardware/cpu.yaml; --mkl
+turns that off); the baseline with full logits + cross-entropy on PyTorch's default kernels.
 Rounds alternate between the two models so that drift in the machine's speed hits both alike. Prints one JSON line last.
 
     python experiments/benchmarks/train_throughput.py [--steps 6] [--compile] [--device cpu]
@@ -19,6 +20,7 @@ import time
 
 import torch
 
+from moxin.kernels import use_onednn_linears, use_onednn_on_cpu
 from moxin.losses import causal_lm_loss, linear_cross_entropy
 from moxin.model import ModelConfig, Transformer
 from moxin.system import keep_freed_memory_for_reuse
@@ -59,6 +61,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile each of our blocks")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mkl", action="store_true", help="ours on PyTorch's default CPU kernels (no oneDNN)")
     args = parser.parse_args()
 
     from transformers import MistralForCausalLM
@@ -76,6 +79,9 @@ def main() -> None:
     ours.to(device).train()
     baseline.to(device).train()
 
+    if args.device == "cpu" and not args.mkl:  # as hardware=cpu trains (moxin/kernels.py)
+        use_onednn_on_cpu(True)
+        use_onednn_linears(ours)
     if args.compile:
         for block in ours.layers:
             block.compile()
@@ -101,6 +107,7 @@ def main() -> None:
         "ratio": round(result["ours"] / result["baseline"], 3), "unit": "tokens/s",
         "config": {"layers": args.layers, "dim": args.dim, "seq": args.seq, "batch": args.batch,
                    "vocab": cfg.vocab_size, "compile": args.compile, "device": args.device,
+                   "ours_cpu_kernels": "mkl" if args.mkl else "onednn",
                    "threads": torch.get_num_threads(), "dtype": "fp32",
                    "baseline_impl": "transformers MistralForCausalLM (sdpa)"},
     }))

@@ -1,0 +1,106 @@
+"""oneDNN matrix products for the model's Linear layers on the CPU.
+
+PyTorch sends fp32 `nn.Linear` on the CPU to MKL. On AMD processors MKL takes slower code paths:
+on this project's machines (AMD EPYC, 2 cores) oneDNN, which PyTorch also ships, computes the
+same fp32 products about 2x faster for training-sized matrices and 2-4x faster for the few-row
+products of decoding (experiments/benchmarks/). The swap changes the kernel, not the maths: the
+parameters, their names and the state dict stay those of `nn.Linear`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_enabled = False  # set by use_onednn_on_cpu (from hardware.onednn_linears)
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def use_onednn_on_cpu(enabled: bool = True) -> bool:
+    """Process-wide switch for `linear` and `generate`; returns whether oneDNN is now in use."""
+    global _enabled
+    _enabled = enabled and onednn_available()
+    return _enabled
+
+
+def onednn_enabled() -> bool:
+    return _enabled
+
+
+def _suits_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dtype == weight.dtype
+
+
+def _onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T through oneDNN; a (..., k), b (n, k)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
+class _OneDNNLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return _onednn_mm(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_mm(grad_out, weight.t().contiguous())  # (..., out) @ (out, in)
+        if ctx.needs_input_grad[1]:
+            rows_out = grad_out.reshape(-1, grad_out.shape[-1]).t().contiguous()  # (out, M)
+            rows_in = x.reshape(-1, x.shape[-1]).t().contiguous()  # (in, M)
+            grad_w = _onednn_mm(rows_out, rows_in)  # (out, M) @ (M, in)
+        return grad_x, grad_w
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T without autograd bookkeeping of its own: oneDNN when switched on, else F.linear."""
+    if _enabled and _suits_onednn(x, weight):
+        return _onednn_mm(x, weight)
+    return F.linear(x, weight)
+
+
+class OneDNNLinear(nn.Linear):
+    """nn.Linear whose product runs through oneDNN for CPU fp32/bf16 inputs (no bias)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None and _suits_onednn(x, self.weight):
+            return _OneDNNLinearFn.apply(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_onednn_linears(model: nn.Module) -> int:
+    """Run every bias-free nn.Linear of `model` through oneDNN; returns how many were switched.
+
+    The module's class is switched in place (same parameters, hooks and state-dict names), so it
+    works before or after an optimizer was built. A no-op where oneDNN is unavailable.
+    """
+    if not onednn_available():
+        return 0
+    switched = 0
+    for module in model.modules():
+        if type(module) is nn.Linear and module.bias is None:
+            module.__class__ = OneDNNLinear
+            switched += 1
+    return switched
+
+
+@contextmanager
+def onednn_linears(model: nn.Module):
+    """use_onednn_linears for the duration of a block, then the layers are plain nn.Linear again."""
+    before = {module for module in model.modules() if type(module) is OneDNNLinear}
+    use_onednn_linears(model)
+    try:
+        yield model
+    finally:
+        for module in model.modules():
+            if type(module) is OneDNNLinear and module not in before:
+                module.__class__ = nn.Linear

@@ -1,0 +1,65 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from moxin import kernels
+from moxin.generate import generate
+from moxin.losses import linear_cross_entropy
+from moxin.model import ModelConfig, Transformer
+
+pytestmark = pytest.mark.skipif(not kernels.onednn_available(), reason="this torch build has no oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def restore_switch():
+    before = kernels.onednn_enabled()
+    yield
+    kernels.use_onednn_on_cpu(before)
+
+
+def test_onednn_linear_matches_nn_linear_forward_and_backward():
+    torch.manual_seed(0)
+    plain = nn.Linear(48, 80, bias=False)
+    fast = copy.deepcopy(plain)
+    assert kernels.use_onednn_linears(fast) == 1 and type(fast) is kernels.OneDNNLinear
+    x1 = torch.randn(3, 7, 48, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y1, y2 = plain(x1), fast(x2)
+    torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y1)
+    y1.backward(grad)
+    y2.backward(grad)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_switching_keeps_parameters_and_the_context_switches_back():
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
+                                    hidden_dim=64))
+    params = [id(p) for p in model.parameters()]
+    keys = list(model.state_dict())
+    with kernels.onednn_linears(model):
+        assert sum(type(m) is kernels.OneDNNLinear for m in model.modules()) == 2 * 7 + 1  # 7 per block + head
+        assert [id(p) for p in model.parameters()] == params and list(model.state_dict()) == keys
+    assert not any(type(m) is kernels.OneDNNLinear for m in model.modules())
+
+
+def test_chunked_loss_and_generation_agree_with_and_without_onednn():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                                    hidden_dim=64, sliding_window=8, max_seq_len=128)).eval()
+    hidden = torch.randn(2, 9, 32, requires_grad=True)
+    labels = torch.randint(0, 300, (2, 9))
+    results = []
+    for enabled in (False, True):
+        kernels.use_onednn_on_cpu(enabled)
+        loss = linear_cross_entropy(hidden, model.output.weight, labels, chunk_size=5)
+        (grad,) = torch.autograd.grad(loss, hidden)
+        tokens = generate(model, [[1, 5, 7], [1, 9]], max_new_tokens=20).tokens
+        results.append((loss, grad, tokens))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+    assert results[1][2] == results[0][2]
+    assert not any(type(m) is kernels.OneDNNLinear for m in model.modules())  # generate switched back
