@@ -123,6 +123,23 @@ def sliding_window_mask(q_len: int, k_len: int, window: int | None, device) -> t
     return allowed
 
 
+def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal sliding-window attention, one block of W queries at a time.
+
+    q (B, H, T, D), k/v (B, K, T, D). Each block of W queries attends to at most 2W - 1 keys, so
+    work and memory grow with T x W rather than T^2 (a 32K sequence with W = 4096 never forms a
+    32K x 32K score matrix).
+    """
+    out = []
+    for start in range(0, q.shape[2], window):
+        end = min(start + window, q.shape[2])
+        k_start = max(0, start - window + 1)
+        mask = sliding_window_mask(end - start, end - k_start, window, q.device)
+        out.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, k_start:end], v[:, :, k_start:end],
+                                                  attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]))
+    return torch.cat(out, dim=2)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -144,10 +161,14 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
         if cache is not None:  # keys/values of earlier positions (moxin/generate.py): (B, K, S, D)
             k, v = cache.update(self.layer_idx, k, v)
-        # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head.
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
-        )  # (B, H, T, D)
+        if mask is None and self.sliding_window is not None and T > self.sliding_window:
+            out = windowed_attention(q, k, v, self.sliding_window)
+        else:
+            # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head.
+            # No mask: plain causal (the window covers the whole sequence); else the cache's mask.
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+            )  # (B, H, T, D)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -228,10 +249,7 @@ class Transformer(nn.Module):
                     f"sequence of {start_pos + T} positions exceeds max_seq_len {self.config.max_seq_len}"
                 )
             positions = torch.arange(start_pos, start_pos + T, device=tokens.device)
-            window = self.config.sliding_window
-            # Plain causal attention takes SDPA's fast is_causal path; a window shorter than the
-            # sequence needs an explicit banded mask.
-            mask = None if window is None or T <= window else sliding_window_mask(T, T, window, tokens.device)
+            mask = None  # causal; attention applies the sliding window itself
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:

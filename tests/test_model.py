@@ -143,3 +143,23 @@ def test_tied_embeddings_share_storage():
     model = tiny_model(tie_embeddings=True)
     assert model.output.weight is model.tok_embeddings.weight
     assert model.num_params() == model.config.num_params()
+
+
+@pytest.mark.parametrize("T,window", [(37, 8), (32, 8), (9, 8), (50, 1)])
+def test_blockwise_window_attention_equals_the_dense_mask(T, window):
+    import torch.nn.functional as F
+
+    from moxin.model import windowed_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, T, 16, requires_grad=True)
+    k = torch.randn(2, 2, T, 16, requires_grad=True)
+    v = torch.randn(2, 2, T, 16, requires_grad=True)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(T, T, window, "cpu"),
+                                           enable_gqa=True)
+    blocks = windowed_attention(q, k, v, window)
+    torch.testing.assert_close(blocks, dense, atol=1e-5, rtol=1e-5)
+    grads_dense = torch.autograd.grad(dense.sum(), (q, k, v))
+    grads_blocks = torch.autograd.grad(blocks.sum(), (q, k, v))
+    for got, want in zip(grads_blocks, grads_dense, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
