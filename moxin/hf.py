@@ -17,38 +17,39 @@ from safetensors.torch import save_file
 
 from moxin.model import ModelConfig, Transformer
 
-# (Hugging Face name, moxin name); `{i}` is the block index.
-_NAME_MAP = [
-    ("model.embed_tokens.weight", "tok_embeddings.weight"),
-    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attention.wq.weight"),
-    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attention.wk.weight"),
-    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attention.wv.weight"),
-    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attention.wo.weight"),
-    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.feed_forward.w1.weight"),
-    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.feed_forward.w2.weight"),
-    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.feed_forward.w3.weight"),
-    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attention_norm.weight"),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.ffn_norm.weight"),
-    ("model.norm.weight", "norm.weight"),
-    ("lm_head.weight", "output.weight"),
+# moxin tensor <- Hugging Face tensors, concatenated along dim 0 in this order; {i} = block index.
+_TENSOR_MAP = [
+    ("tok_embeddings.weight", ["model.embed_tokens.weight"]),
+    ("layers.{i}.attention.wqkv.weight", ["model.layers.{i}.self_attn.q_proj.weight",
+                                          "model.layers.{i}.self_attn.k_proj.weight",
+                                          "model.layers.{i}.self_attn.v_proj.weight"]),
+    ("layers.{i}.attention.wo.weight", ["model.layers.{i}.self_attn.o_proj.weight"]),
+    ("layers.{i}.feed_forward.w13.weight", ["model.layers.{i}.mlp.gate_proj.weight",
+                                            "model.layers.{i}.mlp.up_proj.weight"]),
+    ("layers.{i}.feed_forward.w2.weight", ["model.layers.{i}.mlp.down_proj.weight"]),
+    ("layers.{i}.attention_norm.weight", ["model.layers.{i}.input_layernorm.weight"]),
+    ("layers.{i}.ffn_norm.weight", ["model.layers.{i}.post_attention_layernorm.weight"]),
+    ("norm.weight", ["model.norm.weight"]),
+    ("output.weight", ["lm_head.weight"]),
 ]
+_PATTERNS = [(re.compile("^" + re.escape(ours).replace(r"\{i\}", r"(\d+)") + "$"), theirs)
+             for ours, theirs in _TENSOR_MAP]
 
 
-def _translator(pairs):
-    compiled = [(re.compile("^" + re.escape(src).replace(r"\{i\}", r"(\d+)") + "$"), dst) for src, dst in pairs]
-
-    def translate(name: str) -> str | None:
-        for pattern, dst in compiled:
-            match = pattern.match(name)
-            if match:
-                return dst.replace("{i}", match.group(1)) if match.groups() else dst
-        return None
-
-    return translate
+def hf_names(name: str) -> list[str]:
+    """The Hugging Face tensors that make up moxin tensor `name`."""
+    for pattern, theirs in _PATTERNS:
+        match = pattern.match(name)
+        if match:
+            return [t.replace("{i}", match.group(1)) if match.groups() else t for t in theirs]
+    raise KeyError(f"no Hugging Face counterpart for moxin tensor {name}")
 
 
-hf_to_moxin_name = _translator(_NAME_MAP)
-moxin_to_hf_name = _translator([(dst, src) for src, dst in _NAME_MAP])
+def _fused_sizes(name: str, cfg: ModelConfig) -> list[int]:
+    """Row counts of the Hugging Face tensors stacked in a fused moxin tensor."""
+    if name.endswith("wqkv.weight"):
+        return [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
+    return [cfg.hidden_dim, cfg.hidden_dim]  # w13: gate, up
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -131,25 +132,29 @@ def load_hf(path: str, dtype: torch.dtype | None = None) -> Transformer:
     with open(config_path) as f:
         cfg = config_from_hf(json.load(f))
 
-    state: dict[str, torch.Tensor] = {}
-    unknown = []
+    hf_state: dict[str, torch.Tensor] = {}
     for file in _safetensors_files(path):
         with safe_open(file, framework="pt") as shard:
             for hf_name in shard.keys():
-                name = hf_to_moxin_name(hf_name)
-                if name is None:
-                    if not hf_name.endswith("rotary_emb.inv_freq"):  # recomputed, never learned
-                        unknown.append(hf_name)
-                    continue
-                tensor = shard.get_tensor(hf_name)
-                state[name] = tensor.to(dtype) if dtype is not None else tensor
-    if unknown:
-        raise ValueError(f"{path}: tensors with no moxin counterpart: {unknown[:5]}")
+                if not hf_name.endswith("rotary_emb.inv_freq"):  # recomputed, never learned
+                    hf_state[hf_name] = shard.get_tensor(hf_name)
     if cfg.tie_embeddings:
-        state.setdefault("output.weight", state.get("tok_embeddings.weight"))
+        hf_state.setdefault("lm_head.weight", hf_state.get("model.embed_tokens.weight"))
 
     with torch.device("meta"):
         model = Transformer(cfg)
+    state, used = {}, set()
+    for name in model.state_dict():
+        parts = hf_names(name)
+        missing = [p for p in parts if p not in hf_state]
+        if missing:
+            raise ValueError(f"{path}: missing tensors {missing[:5]} (for {name})")
+        tensor = torch.cat([hf_state[p] for p in parts]) if len(parts) > 1 else hf_state[parts[0]]
+        state[name] = tensor.to(dtype) if dtype is not None else tensor
+        used.update(parts)
+    unknown = sorted(set(hf_state) - used)
+    if unknown:
+        raise ValueError(f"{path}: tensors with no moxin counterpart: {unknown[:5]}")
     load_state_dict_checked(model, state, source=path)
     return model
 
@@ -181,7 +186,10 @@ def save_hf(model: Transformer, path: str, max_shard_size: str | int = "5GB") ->
     for name, tensor in model.state_dict().items():
         if model.config.tie_embeddings and name == "output.weight":
             continue  # tied: transformers re-ties lm_head to the embedding
-        hf_state[moxin_to_hf_name(name)] = tensor.detach().contiguous().cpu()
+        parts = hf_names(name)
+        pieces = tensor.detach().split(_fused_sizes(name, model.config)) if len(parts) > 1 else [tensor.detach()]
+        for hf_name, piece in zip(parts, pieces, strict=True):
+            hf_state[hf_name] = piece.contiguous().cpu()
     dtype = next(iter(hf_state.values())).dtype
 
     split = split_torch_state_dict_into_shards(hf_state, max_shard_size=max_shard_size)

@@ -80,10 +80,10 @@ def test_gqa_equals_attention_with_repeated_kv_heads():
     mha = tiny_model(n_heads=4, n_kv_heads=4, sliding_window=5)
     state = gqa.state_dict()
     for i in range(2):
-        for w in ("wk", "wv"):
-            weight = state[f"layers.{i}.attention.{w}.weight"].view(2, 16, 64)
-            # Query heads 0,1 share kv head 0; heads 2,3 share kv head 1.
-            state[f"layers.{i}.attention.{w}.weight"] = weight.repeat_interleave(2, dim=0).reshape(64, 64)
+        q, k, v = state[f"layers.{i}.attention.wqkv.weight"].split([64, 32, 32])
+        # Query heads 0,1 share kv head 0; heads 2,3 share kv head 1.
+        k, v = (w.view(2, 16, 64).repeat_interleave(2, dim=0).reshape(64, 64) for w in (k, v))
+        state[f"layers.{i}.attention.wqkv.weight"] = torch.cat([q, k, v])
     mha.load_state_dict(state)
     tokens = torch.randint(0, 97, (2, 17))
     with torch.no_grad():
@@ -132,7 +132,7 @@ def test_sequence_longer_than_max_positions_is_refused():
 def test_init_scales_residual_projections():
     model = Transformer(ModelConfig(**{**TINY, "n_layers": 8, "dim": 256, "hidden_dim": 512,
                                         "n_heads": 8, "n_kv_heads": 4, "head_dim": 32}))
-    wq = model.layers[0].attention.wq.weight.std().item()
+    wq = model.layers[0].attention.wqkv.weight.std().item()
     wo = model.layers[0].attention.wo.weight.std().item()
     assert abs(wq - 0.02) < 2e-3
     assert abs(wo - 0.02 / 4) < 1e-3  # 1/sqrt(2 * 8 layers)

@@ -29,7 +29,7 @@ def test_two_step_training_run(make_cfg, tmp_path):
     assert exported.keys() == {k.removeprefix("model.") for k in trained}
     for name, tensor in exported.items():
         torch.testing.assert_close(tensor, trained[f"model.{name}"], msg=name)
-    assert len([k for k in exported if k.endswith("attention.wq.weight")]) == 4  # the tiny model's blocks
+    assert len([k for k in exported if k.endswith("attention.wqkv.weight")]) == 4  # the tiny model's blocks
     assert isinstance(metrics["sample"], str) and metrics["sample"].startswith("And God said")
 
 
