@@ -90,24 +90,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 for stability under bf16, as Mistral does.
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+        # Normalise (and scale) in fp32 for stability under bf16.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (..., T, D), for integer positions (T,) or per row (B, T)."""
+    """cos and sin tables, each (..., T, 1, D), for integer positions (T,) or per row (B, T).
+
+    The 1 broadcasts over heads.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     angles = positions.float()[..., None] * inv_freq  # (..., T, D/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, D): the "rotate half" layout
+    angles = torch.cat([angles, angles], dim=-1).unsqueeze(-2)  # (..., T, 1, D): the "rotate half" layout
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, heads, D) by position; cos/sin are (T, D) or (B, T, D)."""
+    """Rotate x (B, T, heads, D) by position; cos/sin from rope_cos_sin."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # broadcast over heads
-    return x * cos + rotated * sin
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 def sliding_window_mask(q_len: int, k_len: int, window: int | None, device) -> torch.Tensor:

@@ -41,7 +41,7 @@ def test_switching_keeps_parameters_and_the_context_switches_back():
     params = [id(p) for p in model.parameters()]
     keys = list(model.state_dict())
     with kernels.onednn_linears(model):
-        assert sum(type(m) is kernels.OneDNNLinear for m in model.modules()) == 2 * 4 + 1  # wqkv, wo, w13, w2 per block + head
+        assert sum(type(m) is kernels.OneDNNLinear for m in model.modules()) == 2 * 4 + 1  # 4 per block + head
         assert [id(p) for p in model.parameters()] == params and list(model.state_dict()) == keys
     assert not any(type(m) is kernels.OneDNNLinear for m in model.modules())
 
