@@ -188,3 +188,25 @@ def test_moxin_7b_cache_bytes_as_in_the_readme(length, window, expected):
     cfg = dataclasses.replace(ModelConfig(), sliding_window=window)  # moxin_7b shapes
     cache = RollingKVCache(cfg, 1, length, torch.zeros(1, dtype=torch.long), torch.bfloat16, "meta")
     assert cache.nbytes == expected
+
+
+def test_long_prompt_prefills_in_window_bounded_chunks(monkeypatch):
+    from moxin.generate import RollingKVCache
+
+    model = windowed_model(window=16, max_seq_len=4096)
+    widest = []
+    update = RollingKVCache.update
+
+    def recording_update(self, layer, k, v):
+        keys, values = update(self, layer, k, v)
+        widest.append(keys.shape[2])
+        return keys, values
+
+    monkeypatch.setattr(RollingKVCache, "update", recording_update)
+    prompt = torch.randint(0, 97, (2000,), generator=torch.Generator().manual_seed(4)).tolist()
+    out = generate(model, [prompt], max_new_tokens=5)
+    assert len(out.tokens[0]) == 5
+    assert max(widest) <= 2 * 16  # a chunk of <= W queries sees <= W cached + W new keys, whatever the length
+    with torch.no_grad():  # and the continuation is still that of the whole sequence
+        expected = int(model(torch.tensor([prompt]))[0, -1].argmax())
+    assert out.tokens[0][0] == expected
