@@ -8,8 +8,8 @@ Architecture (Mistral 7B v0.1, with more blocks for Moxin-7B):
     -> residual -> RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> untied LM head -> logits
 
 Shapes use B = batch, T = sequence length, H = n_heads, K = n_kv_heads, D = head_dim.
-Rotary embeddings use the "rotate half" layout of Hugging Face's Mistral, so weights map to
-`MistralForCausalLM` one to one (see moxin/hf.py).
+Rotary embeddings use the "rotate half" layout of Hugging Face's Mistral, so no weight needs
+permuting; q/k/v and gate/up are stacked into `wqkv` and `w13` (moxin/hf.py splits them for HF).
 """
 
 from __future__ import annotations
