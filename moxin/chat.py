@@ -22,15 +22,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def with_chat_template(tokenizer):
-    """The tokenizer, given the Moxin chat template unless it already has one."""
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+def chat_template_of(tokenizer) -> str:
+    """The tokenizer's own chat template, else the Moxin one (the tokenizer is not modified)."""
+    return getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
 
 
 def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of the conversation so far, ending with the assistant's turn opener."""
-    text = with_chat_template(tokenizer).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, chat_template=chat_template_of(tokenizer), tokenize=False,
+                                         add_generation_prompt=True)
     # The template writes BOS itself; the tokenizer must not add a second one.
     return tokenizer.encode(text, add_special_tokens=False)

@@ -1,8 +1,8 @@
 """Generation: a rolling-buffer KV cache and batched sampling.
 
 With sliding-window attention a token attends to the last W positions only, so the cache keeps
-W slots per layer and position t is written to slot t mod W: its memory stays constant however
-long the sequence grows. Prompts are prefilled in chunks of at most W tokens (a 32K-token prompt
+min(W, length) slots per layer and step t is written to slot t mod slots: its memory stays
+constant however long the sequence grows. Prompts are prefilled in chunks of at most W tokens (a 32K-token prompt
 needs no more memory than a W-token one), then decoded one token per step for the whole batch.
 
 Batches of prompts of different lengths are left-padded: all rows advance through the same
@@ -103,8 +103,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass.
+        # Drop a token when the tokens ranked above it already hold top_p of the mass; the most
+        # likely token always stays.
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop_sorted[..., 0] = False
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -151,26 +153,30 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     is called for each new token as it is produced (streaming). On a CPU with
     moxin.kernels.use_onednn_on_cpu() switched on, the products run through oneDNN.
     """
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    with onednn_linears(model) if on_cpu and onednn_enabled() else nullcontext():
-        return _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, stop, seed, tokenizer, callback)
-
-
-@torch.inference_mode()
-def _generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-              top_k: int, stop, seed: int | None, tokenizer, callback) -> Generation:
-    """generate(), inside the kernel choice."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token (start with BOS)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    param = next(model.parameters())
-    device = param.device
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     should_stop = StopCriteria(stop, tokenizer)
     was_training = model.training
     model.eval()
+    try:
+        with onednn_linears(model) if device.type == "cpu" and onednn_enabled() else nullcontext():
+            return _decode(model, prompts, max_new_tokens, temperature, top_p, top_k, generator, should_stop, callback)
+    finally:
+        model.train(was_training)
 
+
+@torch.inference_mode()
+def _decode(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+            top_k: int, generator, should_stop: StopCriteria, callback) -> Generation:
+    """The batched prefill + decode loop of generate()."""
+    param = next(model.parameters())
+    device = param.device
     longest = max(len(p) for p in prompts)
     pad = torch.tensor([longest - len(p) for p in prompts])
     tokens = torch.zeros(len(prompts), longest, dtype=torch.long)
@@ -199,5 +205,4 @@ def _generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
         if all(done) or step == max_new_tokens - 1:
             break
         logits = model(next_tokens[:, None], cache=cache)[:, -1].float()
-    model.train(was_training)
     return out

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 _enabled = False  # set by use_onednn_on_cpu (from hardware.onednn_linears)
 
@@ -34,7 +35,11 @@ def onednn_enabled() -> bool:
 
 
 def _suits_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dtype == weight.dtype
+    if x.device.type != "cpu" or x.dtype != weight.dtype or torch.is_autocast_enabled("cpu"):
+        return False  # under autocast, nn.Linear's own dtype rules apply
+    if x.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # needs AVX-512 BF16-capable cores
+    return x.dtype == torch.float32
 
 
 def _onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -49,6 +54,7 @@ class _OneDNNLinearFn(torch.autograd.Function):
         return _onednn_mm(x, weight)
 
     @staticmethod
+    @once_differentiable  # no double backward: fail loudly rather than return wrong gradients
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = None
@@ -62,8 +68,10 @@ class _OneDNNLinearFn(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T without autograd bookkeeping of its own: oneDNN when switched on, else F.linear."""
+    """x @ weight.T for callers that need no gradient: oneDNN when switched on, else F.linear."""
     if _enabled and _suits_onednn(x, weight):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _OneDNNLinearFn.apply(x, weight)
         return _onednn_mm(x, weight)
     return F.linear(x, weight)
 

@@ -9,10 +9,14 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 @pytest.fixture(autouse=True)
 def offline_and_contained(tmp_path, monkeypatch):
-    """No test reaches a hub, and temporary files land in the test's own tmp_path."""
+    """No test reaches a hub, temporary files land in the test's own tmp_path, and the
+    process-wide kernel switch (which a training run sets) does not leak into the next test."""
+    from moxin import kernels
+
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(var, "1")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(kernels, "_enabled", False)
 
 
 @pytest.fixture

@@ -57,6 +57,22 @@ def test_top_k_and_top_p_restrict_the_candidates():
     assert int(sample_next(logits, 0.0, 0, 1.0, gen)) == 1
 
 
+def test_top_p_keeps_the_most_likely_token_and_must_be_positive(model):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 3.0, 2.9]])
+    assert {int(sample_next(logits, 1.0, 0, 1e-6, gen)) for _ in range(20)} == {1}
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, [[1, 2]], max_new_tokens=2, temperature=1.0, top_p=0.0)
+
+
+def test_model_mode_is_restored_even_when_generation_fails(model):
+    model.train()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, [[1] * 60], max_new_tokens=10)
+    assert model.training
+    model.eval()
+
+
 def test_empty_prompt_is_refused(model):
     with pytest.raises(ValueError, match="prompt"):
         generate(model, [[]], max_new_tokens=2)
@@ -69,8 +85,8 @@ def windowed_model(window=16, vocab=97, layers=2, max_seq_len=256):
     return Transformer(cfg).eval()
 
 
-@pytest.mark.parametrize("prefill", [1, 20, 70])
-def test_rolling_buffer_logits_equal_full_forward_past_the_window(prefill):
+@pytest.mark.parametrize("prefill,chunk", [(1, 16), (20, 16), (70, 16), (70, 10), (45, 7)])
+def test_rolling_buffer_logits_equal_full_forward_past_the_window(prefill, chunk):
     from moxin.generate import RollingKVCache
 
     model = windowed_model(window=16)
@@ -79,7 +95,8 @@ def test_rolling_buffer_logits_equal_full_forward_past_the_window(prefill):
         full = model(sequence)  # (1, 100, V): whole sequence under the sliding-window mask
         cache = RollingKVCache(model.config, 1, 100, torch.zeros(1, dtype=torch.long), torch.float32, "cpu")
         assert cache.slots == 16
-        cached = [model(sequence[:, s:min(s + 16, prefill)], cache=cache) for s in range(0, prefill, 16)]
+        # Chunks not aligned to the 16 slots wrap around the buffer in mid-prefill.
+        cached = [model(sequence[:, s:min(s + chunk, prefill)], cache=cache) for s in range(0, prefill, chunk)]
         cached += [model(sequence[:, t:t + 1], cache=cache) for t in range(prefill, 100)]
     torch.testing.assert_close(torch.cat(cached, dim=1), full, atol=1e-4, rtol=1e-4)
 
@@ -128,9 +145,11 @@ def test_stop_sequences_and_strings():
 def test_finished_rows_do_not_grow_while_others_continue():
     model = windowed_model()
     free = generate(model, [[1, 3], [1, 4, 4]], max_new_tokens=10).tokens
-    out = generate(model, [[1, 3], [1, 4, 4]], max_new_tokens=10, stop=[free[0][1]])
-    assert out.tokens[0] == free[0][: free[0].index(free[0][1]) + 1]
-    assert len(out.tokens[1]) <= 10
+    stop = free[0][1]
+    out = generate(model, [[1, 3], [1, 4, 4]], max_new_tokens=10, stop=[stop])
+    assert out.tokens[0] == free[0][: free[0].index(stop) + 1]
+    expected = free[1][: free[1].index(stop) + 1] if stop in free[1] else free[1]
+    assert out.tokens[1] == expected  # row 1 runs on until its own stop or the limit
 
 
 def test_streaming_callback_sees_every_token_in_order():

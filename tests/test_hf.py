@@ -101,3 +101,16 @@ def test_scaled_rope_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="rope_scaling"):
         Transformer.from_hf(str(tmp_path))
+
+
+def test_tied_moxin_model_saves_and_reloads(tmp_path):
+    torch.manual_seed(2)
+    ours = Transformer(ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                                   hidden_dim=96, sliding_window=8, max_seq_len=256, tie_embeddings=True)).eval()
+    ours.save_hf(str(tmp_path), max_shard_size="40KB")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    again = Transformer.from_hf(str(tmp_path)).eval()
+    assert again.output.weight is again.tok_embeddings.weight
+    with torch.no_grad():
+        torch.testing.assert_close(hf_logits(hf, TOKENS), ours(TOKENS), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(again(TOKENS), ours(TOKENS))

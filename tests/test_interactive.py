@@ -1,11 +1,9 @@
 """task=generate and task=chat on a freshly trained tiny run; checkpoint loading."""
 
-import copy
-
 import pytest
 import torch
 
-from moxin.chat import CHAT_TEMPLATE, chat_prompt, with_chat_template
+from moxin.chat import CHAT_TEMPLATE, chat_prompt, chat_template_of
 from moxin.checkpoint import load_model
 from moxin.interactive import chat_task
 from moxin.tokenizer import load_tokenizer
@@ -64,14 +62,18 @@ def test_chat_task_keeps_the_conversation(make_cfg, trained_run, monkeypatch, ca
     # The second turn's prompt holds the whole first exchange.
     assert prompts[1][:3] == result["messages"][:3]
     assert "assistant> " in capsys.readouterr().out
+    # Each prompt ends by opening the assistant's turn; each reply was cut at EOS.
+    assert all(tok.decode(chat_prompt(tok, p)).endswith("<|assistant|>\n") for p in prompts
+               for tok in [load_tokenizer()])
 
 
 def test_chat_template_is_the_tulu_format():
-    tokenizer = with_chat_template(copy.copy(load_tokenizer()))
-    assert tokenizer.chat_template == CHAT_TEMPLATE
+    tokenizer = load_tokenizer()
+    assert chat_template_of(tokenizer) == CHAT_TEMPLATE and not tokenizer.chat_template  # not modified
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, tokenize=False,
+                                         add_generation_prompt=True)
     assert text == ("<s><|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello!</s>\n"
                     "<|user|>\nBye\n<|assistant|>\n")
     ids = chat_prompt(tokenizer, messages)

@@ -46,6 +46,30 @@ def test_switching_keeps_parameters_and_the_context_switches_back():
     assert not any(type(m) is kernels.OneDNNLinear for m in model.modules())
 
 
+def test_onednn_is_really_used_when_switched_on(monkeypatch):
+    calls = []
+    real = kernels._onednn_mm
+    monkeypatch.setattr(kernels, "_onednn_mm", lambda a, b: calls.append(1) or real(a, b))
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                                    hidden_dim=64, max_seq_len=32))
+    generate(model, [[1, 2, 3]], max_new_tokens=3)
+    assert calls == []  # switched off: PyTorch's default kernels
+    kernels.use_onednn_on_cpu(True)
+    generate(model, [[1, 2, 3]], max_new_tokens=3)
+    assert len(calls) >= 3 * 5  # 4 products per block + the head, per forward
+    with torch.autocast("cpu", dtype=torch.bfloat16), kernels.onednn_linears(model):
+        assert model.output(torch.randn(2, 32)).dtype == torch.bfloat16  # autocast's rules still hold
+
+
+def test_no_double_backward_through_onednn():
+    layer = nn.Linear(8, 4, bias=False)
+    kernels.use_onednn_linears(layer)
+    x = torch.randn(3, 8, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
+
+
 def test_chunked_loss_and_generation_agree_with_and_without_onednn():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
