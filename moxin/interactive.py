@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from moxin.chat import chat_prompt
 from moxin.checkpoint import load_model, tokenizer_for
 from moxin.generate import generate
-from moxin.kernels import use_onednn_on_cpu
+from moxin.system import configure_cpu
 
 
 class TextStream:
@@ -37,7 +37,7 @@ def _setup(cfg: DictConfig):
     if not cfg.ckpt:
         raise ValueError(f"task={cfg.task} needs ckpt=PATH (a Hugging Face folder, a run folder or a .ckpt)")
     device = "cuda" if cfg.hardware.accelerator == "gpu" and torch.cuda.is_available() else "cpu"
-    use_onednn_on_cpu(cfg.hardware.get("onednn_linears", False))
+    configure_cpu(cfg.hardware.get("tune_cpu_allocator", False), cfg.hardware.get("onednn_linears", False))
     return load_model(cfg.ckpt, device).eval(), tokenizer_for(cfg.ckpt, cfg.data.tokenizer)
 
 

@@ -9,6 +9,15 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers in gl
 _LARGEST = 2**31 - 1
 
 
+def configure_cpu(tune_allocator: bool, onednn_linears: bool) -> None:
+    """The process-level CPU settings of the hardware group, for every task that runs the model."""
+    from moxin.kernels import use_onednn_on_cpu
+
+    if tune_allocator:
+        keep_freed_memory_for_reuse()
+    use_onednn_on_cpu(onednn_linears)
+
+
 def keep_freed_memory_for_reuse() -> bool:
     """Make glibc keep large freed blocks in the heap instead of returning them to the kernel.
 

@@ -20,10 +20,10 @@ from moxin.callbacks import ThroughputMonitor
 from moxin.data import DataConfig, PretrainDataModule
 from moxin.generate import generate
 from moxin.interactive import chat_task, generate_task
-from moxin.kernels import onednn_enabled, use_onednn_linears, use_onednn_on_cpu
+from moxin.kernels import onednn_enabled, use_onednn_linears
 from moxin.model import ModelConfig
 from moxin.modules import MODULES
-from moxin.system import keep_freed_memory_for_reuse
+from moxin.system import configure_cpu
 
 if logging.getLogger().hasHandlers():
     # lightning/__init__ adds its own console handler; under Hydra (whose root handlers also write
@@ -122,9 +122,7 @@ def train(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.hardware.get("tune_cpu_allocator", False):
-        keep_freed_memory_for_reuse()
-    use_onednn_on_cpu(cfg.hardware.get("onednn_linears", False))
+    configure_cpu(cfg.hardware.get("tune_cpu_allocator", False), cfg.hardware.get("onednn_linears", False))
 
     model_cfg = model_config_for_context(instantiate(cfg.model), cfg.context)
     data_cfg: DataConfig = instantiate(cfg.data)
