@@ -6,13 +6,12 @@ import sys
 import time
 from collections.abc import Callable
 
-import torch
 from omegaconf import DictConfig
 
 from moxin.chat import chat_prompt
 from moxin.checkpoint import load_model, tokenizer_for
 from moxin.generate import generate
-from moxin.system import configure_cpu
+from moxin.system import configure_cpu, inference_device
 
 
 class TextStream:
@@ -32,14 +31,12 @@ class TextStream:
             sys.stdout.flush()
             self.printed = text
 
-
 def _setup(cfg: DictConfig):
     if not cfg.ckpt:
         raise ValueError(f"task={cfg.task} needs ckpt=PATH (a Hugging Face folder, a run folder or a .ckpt)")
-    device = "cuda" if cfg.hardware.accelerator == "gpu" and torch.cuda.is_available() else "cpu"
+    device = inference_device(cfg.hardware.accelerator)
     configure_cpu(cfg.hardware.get("tune_cpu_allocator", False), cfg.hardware.get("onednn_linears", False))
     return load_model(cfg.ckpt, device).eval(), tokenizer_for(cfg.ckpt, cfg.data.tokenizer)
-
 
 def _generate(model, tokenizer, prompt_ids: list[int], gen: DictConfig):
     start = time.perf_counter()
@@ -47,7 +44,6 @@ def _generate(model, tokenizer, prompt_ids: list[int], gen: DictConfig):
                    top_p=gen.top_p, top_k=gen.top_k, stop=[tokenizer.eos_token_id], seed=gen.seed,
                    callback=TextStream(tokenizer, prompt_ids))
     return out.tokens[0], time.perf_counter() - start
-
 
 def generate_task(cfg: DictConfig) -> dict:
     """`python run.py task=generate ckpt=PATH prompt="..."`: stream a continuation of the prompt."""
@@ -60,7 +56,6 @@ def generate_task(cfg: DictConfig) -> dict:
     print()
     text = tokenizer.decode(prompt_ids + tokens, skip_special_tokens=True)
     return {"text": text, "new_tokens": len(tokens), "tokens_per_s": len(tokens) / max(seconds, 1e-9)}
-
 
 def chat_task(cfg: DictConfig, read: Callable[[str], str] = input) -> dict:
     """`python run.py task=chat ckpt=PATH`: a multi-turn conversation on the terminal.

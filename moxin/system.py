@@ -35,3 +35,10 @@ def keep_freed_memory_for_reuse() -> bool:
     except (OSError, AttributeError):
         return False  # not glibc (e.g. musl)
     return bool(mallopt(_M_MMAP_THRESHOLD, _LARGEST)) and bool(mallopt(_M_TRIM_THRESHOLD, _LARGEST))
+
+
+def inference_device(accelerator: str) -> str:
+    """`cuda` when the hardware group asks for a GPU and one is there, else `cpu`."""
+    import torch
+
+    return "cuda" if accelerator == "gpu" and torch.cuda.is_available() else "cpu"

@@ -18,12 +18,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from moxin.callbacks import ThroughputMonitor
 from moxin.data import DataConfig, PretrainDataModule
+from moxin.eval.callback import EvalCallback
+from moxin.eval.commands import eval_data_task, evaluate_task, suite_from_config
 from moxin.generate import generate
 from moxin.interactive import chat_task, generate_task
 from moxin.kernels import onednn_enabled, use_onednn_linears
 from moxin.model import ModelConfig
 from moxin.modules import MODULES
 from moxin.system import configure_cpu
+from moxin.tokenizer import load_tokenizer
+from moxin.tracking import wandb_settings
 
 if logging.getLogger().hasHandlers():
     # lightning/__init__ adds its own console handler; under Hydra (whose root handlers also write
@@ -75,19 +79,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     loggers = []
     if cfg.logger.csv:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
-    wandb_cfg = cfg.logger.wandb
-    if wandb_cfg.enabled:
-        # Keep everything wandb writes inside the run folder, not the home folder.
-        for var, sub in [("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"),
-                         ("WANDB_DATA_DIR", "data"), ("WANDB_ARTIFACT_DIR", "artifacts")]:
-            os.environ[var] = str(run_dir / "wandb" / sub)
-        if wandb_cfg.mode not in ("offline", "online", "disabled"):
-            raise ValueError(f"logger.wandb.mode must be offline, online or disabled, got {wandb_cfg.mode!r}")
-        loggers.append(WandbLogger(
-            project=wandb_cfg.project, entity=wandb_cfg.entity, name=cfg.name, save_dir=str(run_dir),
-            group=wandb_cfg.group, tags=list(wandb_cfg.tags or []), offline=wandb_cfg.mode == "offline",
-            mode=wandb_cfg.mode, config=OmegaConf.to_container(cfg, resolve=True),
-        ))
+    wandb_kwargs = wandb_settings(cfg.logger.wandb, run_dir, cfg.name, OmegaConf.to_container(cfg, resolve=True))
+    if wandb_kwargs is not None:
+        loggers.append(WandbLogger(save_dir=str(run_dir), offline=wandb_kwargs["mode"] == "offline", **wandb_kwargs))
     return loggers
 
 
@@ -117,6 +111,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callba
     )
 
 
+def eval_callbacks(cfg: DictConfig, tokenizer, run_dir: Path) -> list:
+    """The `eval` suite every eval.every_n_steps optimizer steps (none when 0)."""
+    suite, every_n_steps = suite_from_config(cfg.eval)
+    return [EvalCallback(suite, every_n_steps, tokenizer, run_dir)] if every_n_steps > 0 else []
+
+
 def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,8 @@ def train(cfg: DictConfig) -> dict:
     if onednn_enabled():
         use_onednn_linears(module.model)
     datamodule = PretrainDataModule(data_cfg)
-    trainer = build_trainer(cfg, run_dir, model_cfg, callbacks=[])
+    callbacks = eval_callbacks(cfg, load_tokenizer(data_cfg.tokenizer), run_dir)
+    trainer = build_trainer(cfg, run_dir, model_cfg, callbacks=callbacks)
     if data_cfg.num_samples is None:  # the mix is sized to the run: one epoch = max_steps
         data_cfg.num_samples = (cfg.phase.max_steps * cfg.phase.accumulate_grad_batches
                                 * data_cfg.micro_batch_size * trainer.world_size)
@@ -182,5 +183,6 @@ def report(metrics: dict, run_dir: Path, final_dir: Path) -> None:
                   f"checkpoints: {run_dir / 'checkpoints'}\nmetrics: {run_dir / 'metrics.json'}")
 
 
-TASKS = {"train": train, "generate": generate_task, "chat": chat_task}
+TASKS = {"train": train, "generate": generate_task, "chat": chat_task, "evaluate": evaluate_task,
+         "eval_data": eval_data_task}
 

@@ -58,6 +58,10 @@ class MoxinLM(TemplateLM):
             log.warning("moxin LM ignores model_args %s", sorted(unused))
         if (ckpt is None) == (model is None):
             raise ValueError("MoxinLM needs exactly one of ckpt=PATH or model=Transformer")
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            log.warning("device=%s requested (lm-eval's command line default) but CUDA is unavailable: using cpu",
+                        device)
+            device = "cpu"
         if model is None:
             from moxin.checkpoint import load_model, tokenizer_for
 

@@ -1,0 +1,269 @@
+"""moxin.eval: the lm-eval model, suites with local data, reports, the command and the callback.
+
+Every lm-eval run here reads small local copies (tests/eval_fixtures.py) in the datasets'
+real hub schemas, through lm-eval's real task definitions.
+"""
+
+import json
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+from moxin.eval import MoxinLM
+from moxin.eval.commands import model_label
+from moxin.eval.runner import paper_row, run_suite
+from moxin.eval.suites import EvalSuite, EvalTask, task_manager
+from moxin.model import ModelConfig, Transformer
+from moxin.tokenizer import load_tokenizer
+from tests.eval_fixtures import FIXTURES
+
+MAX_LENGTH = 48  # short, so that the wikitext pages need several rolling windows
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A small random model (sharp enough that items differ) saved as a Hugging Face folder."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=32000, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=192,
+                      sliding_window=16, max_seq_len=512, init_std=0.2)
+    model = Transformer(cfg).eval()
+    folder = tmp_path_factory.mktemp("hf_model")
+    model.save_hf(str(folder))
+    load_tokenizer().save_pretrained(str(folder))
+    return model, folder
+
+
+@pytest.fixture(scope="module")
+def ours(saved_model):
+    model, _ = saved_model
+    return MoxinLM(model=model, tokenizer=load_tokenizer(), batch_size=3, max_length=MAX_LENGTH)
+
+
+@pytest.fixture(scope="module")
+def hflm(saved_model):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(saved_model[1]), batch_size=3, max_length=MAX_LENGTH, device="cpu", dtype="float32")
+
+
+def evaluate(lm, tasks: list[dict], eval_data_dir, work_dir, **suite_kwargs):
+    suite = EvalSuite(name="test", tasks=tasks, data_dir=str(eval_data_dir), log_samples=True, **suite_kwargs)
+    return run_suite(lm, suite, work_dir)
+
+
+def responses(results, task: str) -> list:
+    samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+    return [[r for r in sample["resps"]] for sample in samples]
+
+
+def test_model_type_is_registered_with_lm_eval(saved_model):
+    from lm_eval.api.registry import get_model
+
+    assert get_model("moxin") is MoxinLM
+    lm = MoxinLM.create_from_arg_string(f"ckpt={saved_model[1]},batch_size=4,max_length=64")
+    assert (lm.batch_size, lm.max_length) == (4, 64)
+    with pytest.raises(ValueError, match="exactly one of ckpt"):
+        MoxinLM()
+
+
+def test_multiple_choice_task_matches_hflm(ours, hflm, eval_data_dir, tmp_path):
+    tasks = [{"name": "arc_easy", "num_fewshot": 1, "metric": "acc_norm", "column": "ARC-E"}]
+    a = evaluate(ours, tasks, eval_data_dir, tmp_path / "a")
+    b = evaluate(hflm, tasks, eval_data_dir, tmp_path / "b")
+    ours_ll = [r[0][0] for sample in responses(a, "arc_easy") for r in sample]
+    hf_ll = [r[0][0] for sample in responses(b, "arc_easy") for r in sample]
+    items = FIXTURES[("allenai/ai2_arc", "ARC-Easy")]["test"]
+    assert len(ours_ll) == sum(len(item["choices"]["text"]) for item in items)
+    assert ours_ll == pytest.approx(hf_ll, abs=1e-4)
+    assert a["results"]["arc_easy"]["acc,none"] == b["results"]["arc_easy"]["acc,none"]
+    assert a["results"]["arc_easy"]["acc_norm,none"] == b["results"]["arc_easy"]["acc_norm,none"]
+    assert a["n-shot"]["arc_easy"] == 1  # the suite's shot count replaced the task's default of 0
+    assert a["paper_row"]["ARC-E"] == pytest.approx(100 * a["results"]["arc_easy"]["acc_norm,none"])
+
+
+def test_loglikelihood_edge_cases_match_hflm(ours, hflm):
+    """Empty context (BOS stands in), trailing spaces moved to the continuation, left truncation."""
+    long_context = " ".join(f"word{i}" for i in range(80))  # longer than max_length
+    pairs = [("", "Hello world"), ("The sky is ", "blue"), (long_context, " and the end"), ("A", " B")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    a, b = ours.loglikelihood(requests), hflm.loglikelihood(requests)
+    assert [x[0] for x in a] == pytest.approx([x[0] for x in b], abs=1e-4)
+    assert [x[1] for x in a] == [x[1] for x in b]
+
+
+def test_requests_with_identical_inputs_are_each_scored_on_their_own_tokens(ours, saved_model):
+    """Two requests whose model inputs coincide but whose continuations split differently
+    (periodic documents' rolling windows do this) each get their own targets' log-probs."""
+    model, _ = saved_model
+    ids = ours.tok_encode("one two three four five six seven eight")
+    first, second = (None, ids[:2], ids[2:]), (None, ids[:5], ids[5:])
+    got = ours._loglikelihood_tokens([first, second], disable_tqdm=True)
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids[:-1]])).log_softmax(-1)[0]
+    for (_, context, continuation), (logp, _) in zip([first, second], got, strict=True):
+        rows = torch.arange(len(context) - 1, len(ids) - 1)
+        assert logp == pytest.approx(logprobs[rows, torch.tensor(continuation)].sum().item(), abs=1e-4)
+
+
+def test_rolling_perplexity_task_matches_hflm(ours, hflm, eval_data_dir, tmp_path):
+    tasks = [{"name": "wikitext", "metric": "word_perplexity", "column": "ppl"}]
+    a = evaluate(ours, tasks, eval_data_dir, tmp_path / "a")
+    b = evaluate(hflm, tasks, eval_data_dir, tmp_path / "b")
+    ours_ll = [s[0][0] for s in responses(a, "wikitext")]
+    assert ours_ll == pytest.approx([s[0][0] for s in responses(b, "wikitext")], abs=1e-3)
+    n_tokens = len(ours.tok_encode(FIXTURES[("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1")]["test"][0]
+                                   ["page"]))
+    assert n_tokens > 2 * MAX_LENGTH  # several windows per page
+    assert a["results"]["wikitext"]["word_perplexity,none"] == pytest.approx(
+        b["results"]["wikitext"]["word_perplexity,none"], rel=1e-3)
+
+
+def test_generation_task_with_stop_sequences_matches_hflm(saved_model, eval_data_dir, tmp_path):
+    from lm_eval.models.huggingface import HFLM
+
+    # Full context (512): room for the prompt and lm-eval's default 256 new tokens.
+    ours = MoxinLM(model=saved_model[0], tokenizer=load_tokenizer(), batch_size=2)
+    hflm = HFLM(pretrained=str(saved_model[1]), batch_size=2, device="cpu", dtype="float32")
+    tasks = [{"name": "gsm8k", "num_fewshot": 1, "metric": "exact_match,flexible-extract", "column": "GSM8K"}]
+    a = evaluate(ours, tasks, eval_data_dir, tmp_path / "a")
+    b = evaluate(hflm, tasks, eval_data_dir, tmp_path / "b")
+    assert responses(a, "gsm8k") == responses(b, "gsm8k")
+    assert all("Question:" not in r[0] for r in responses(a, "gsm8k"))
+    assert "GSM8K" in a["paper_row"]
+
+
+def test_generate_until_cuts_at_the_first_stop_sequence(ours):
+    context = "The number of the beast is"
+    free = ours.generate_until([Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 12}), 0)])[0]
+    stop = free[len(free) // 2:len(free) // 2 + 3]
+    assert stop.strip(), f"pick a visible stop string from {free!r}"
+    cut = ours.generate_until([Instance("generate_until", {}, (context, {"until": [stop], "max_gen_toks": 12}), 0)])[0]
+    assert cut == free[:free.index(stop)]
+
+
+def test_chat_template_is_moxins(ours):
+    prompt = ours.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert prompt == "<s><|user|>\nHi\n<|assistant|>\n"
+    assert ours.tok_encode(prompt).count(ours.tokenizer.bos_token_id) == 1
+
+
+def test_local_copies_read_offline_like_the_hub(eval_data_dir):
+    from datasets import load_dataset
+
+    arc = load_dataset(str(eval_data_dir / "allenai/ai2_arc"), "ARC-Easy")
+    assert arc["test"].to_list() == FIXTURES[("allenai/ai2_arc", "ARC-Easy")]["test"]
+    humaneval = load_dataset(str(eval_data_dir / "openai/openai_humaneval"))
+    assert humaneval["test"][0]["entry_point"] == "add"
+
+
+def test_suite_overrides_shots_and_data_for_tasks_and_groups(eval_data_dir, tmp_path):
+    suite = EvalSuite(name="s", data_dir=str(eval_data_dir), tasks=[
+        {"name": "arc_easy", "num_fewshot": 25}, {"name": "mmlu", "num_fewshot": 5}])
+    tm = task_manager(suite, tmp_path)
+    arc = (tmp_path / "task_overrides" / "arc_easy.yaml").read_text()
+    assert "num_fewshot: 25" in arc and str(eval_data_dir / "allenai/ai2_arc") in arc
+    mmlu = (tmp_path / "task_overrides" / "mmlu.yaml").read_text()
+    assert "group: mmlu" in mmlu and "num_fewshot: 5" in mmlu and "dataset_path" not in mmlu  # no local copy
+    assert tm.task_index["arc_easy"].yaml_path.parent == tmp_path / "task_overrides"
+    with pytest.raises(ValueError, match="no task or group named 'not_a_task'"):
+        task_manager(EvalSuite(name="s", tasks=[{"name": "not_a_task", "num_fewshot": 1}]), tmp_path)
+
+
+def test_suite_validation():
+    with pytest.raises(ValueError, match="lists no tasks"):
+        EvalSuite(name="s", tasks=[])
+    with pytest.raises(ValueError, match="twice"):
+        EvalSuite(name="s", tasks=[{"name": "piqa"}, {"name": "piqa"}])
+    with pytest.raises(ValueError, match="num_fewshot"):
+        EvalTask(name="piqa", num_fewshot=-1)
+    assert EvalTask(name="gsm8k", metric="exact_match,flexible-extract").metric_key == "exact_match,flexible-extract"
+    assert EvalTask(name="piqa", metric="acc_norm").metric_key == "acc_norm,none"
+
+
+def test_paper_row_takes_each_tasks_reported_metric_and_averages():
+    suite = EvalSuite(name="s", tasks=[{"name": "mmlu", "metric": "acc", "column": "MMLU"},
+                                       {"name": "hellaswag", "metric": "acc_norm", "column": "HellaSwag"}])
+    results = {"groups": {"mmlu": {"acc,none": 0.6}},
+               "results": {"mmlu": {"acc,none": 0.6}, "hellaswag": {"acc,none": 0.5, "acc_norm,none": 0.8}}}
+    assert paper_row(results, suite) == pytest.approx({"MMLU": 60.0, "HellaSwag": 80.0, "Avg": 70.0})
+    results["results"]["hellaswag"].pop("acc_norm,none")
+    with pytest.raises(KeyError, match="hellaswag: lm-eval reported no 'acc_norm,none'"):
+        paper_row(results, suite)
+
+
+def test_every_suite_config_names_known_tasks_and_metrics(make_cfg, tmp_path):
+    from moxin.eval.commands import suite_from_config
+
+    for name in ("fewshot", "zeroshot", "olmes", "math"):
+        suite, every = suite_from_config(make_cfg(f"eval={name}").eval)
+        assert every == 0 and suite.name == name
+        tm = task_manager(suite, tmp_path / name)  # raises on an unknown task name
+        assert all(t.column for t in suite.tasks)
+        assert tm.task_index[suite.tasks[0].name]
+    fewshot, _ = suite_from_config(make_cfg("eval=fewshot").eval)
+    assert [(t.name, t.num_fewshot, t.metric) for t in fewshot.tasks] == [
+        ("arc_challenge", 25, "acc_norm"), ("hellaswag", 10, "acc_norm"), ("mmlu", 5, "acc"), ("winogrande", 5, "acc")]
+
+
+def test_evaluate_command_writes_results_table_and_wandb(make_cfg, saved_model, eval_data_dir, tmp_path, capsys):
+    from moxin.train import run
+
+    cfg = make_cfg("task=evaluate", f"ckpt={saved_model[1]}", f"eval.data_dir={eval_data_dir}", "eval.limit=3",
+                   "eval.tasks=[{name: arc_easy, num_fewshot: 0, metric: acc, column: ARC-E}]",
+                   "logger=default", "hardware.onednn_linears=false")
+    out = run(cfg)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["paper_row"] == out["paper_row"]
+    assert set(results["paper_row"]) == {"ARC-E", "Avg"}
+    assert results["lm_eval"]["results"]["arc_easy"]["acc,none"] * 100 == pytest.approx(results["paper_row"]["ARC-E"])
+    assert "ARC-E" in capsys.readouterr().out
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "no offline W&B run in the run folder"
+
+
+def test_evaluate_needs_a_checkpoint(make_cfg):
+    from moxin.train import run
+
+    with pytest.raises(ValueError, match="needs ckpt="):
+        run(make_cfg("task=evaluate"))
+
+
+def test_model_label():
+    assert model_label("outputs/demo/2026-01-01/final") == "2026-01-01"
+    assert model_label("outputs/demo/run1/checkpoints/step-10.ckpt") == "run1/step-10"
+    assert model_label("/models/Moxin-7B-DPO/") == "Moxin-7B-DPO"
+
+
+@pytest.mark.slow
+def test_eval_callback_runs_the_suite_during_training(make_cfg, eval_data_dir, tmp_path):
+    from moxin.train import run
+
+    cfg = make_cfg("phase.max_steps=2", "phase.val_every_steps=2", "phase.validate_before_training=false",
+                   "eval.every_n_steps=1", f"eval.data_dir={eval_data_dir}", "eval.limit=2", "eval.max_length=64",
+                   "eval.tasks=[{name: arc_easy, num_fewshot: 0, metric: acc, column: ARC-E}]")
+    run(cfg)
+    for step in (1, 2):
+        results = json.loads((tmp_path / "run" / "eval" / f"step-{step}" / "results.json").read_text())
+        assert set(results["paper_row"]) == {"ARC-E", "Avg"}
+    logged = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()
+    header = logged[0].split(",")
+    assert "eval/fewshot/ARC-E" in header
+    column = header.index("eval/fewshot/ARC-E")
+    assert sum(1 for line in logged[1:] if line.split(",")[column]) == 2
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_runs_model_type_moxin(saved_model, eval_data_dir, tmp_path):
+    import subprocess
+    import sys
+
+    # The suite's generated task files point arc_easy at the local copy; the CLI reads them.
+    task_manager(EvalSuite(name="s", data_dir=str(eval_data_dir), tasks=[{"name": "arc_easy", "num_fewshot": 0}]),
+                 tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "moxin.eval", "run", "--model", "moxin", "--model_args",
+         f"ckpt={saved_model[1]},max_length=64", "--tasks", "arc_easy", "--limit", "2",
+         "--include_path", str(tmp_path / "task_overrides"), "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "arc_easy" in out.stdout and "acc_norm" in out.stdout
