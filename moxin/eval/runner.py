@@ -80,7 +80,7 @@ def print_table(row: dict[str, float], suite: EvalSuite, model_name: str) -> str
     title = suite.title or suite.name
     if suite.limit:
         title += f"  (limit={suite.limit}: not comparable with the paper)"
-    table = Table(title=title)
+    table = Table(title=title, min_width=len(title) + 4)
     table.add_column("Model")
     for column in row:
         table.add_column(column, justify="right")

@@ -9,6 +9,7 @@ are lm-eval's, unchanged otherwise, and keep their names in the results.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -90,7 +91,14 @@ def task_manager(suite: EvalSuite, work_dir: str | Path):
 def _base_task_manager(include_path: tuple[str, ...]):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(OWN_TASKS_DIR), *include_path])
+    # Replacing lm-eval's humaneval with ours is intended: keep lm-eval from warning about it.
+    index_log = logging.getLogger("lm_eval.tasks._index")
+    level = index_log.level
+    index_log.setLevel(logging.ERROR)
+    try:
+        return TaskManager(include_path=[str(OWN_TASKS_DIR), *include_path])
+    finally:
+        index_log.setLevel(level)
 
 
 def _overrides(tm, task: EvalTask, data_dir: str | None) -> dict[str, dict[str, Any]]:
