@@ -9,12 +9,16 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 @pytest.fixture(autouse=True)
 def offline_and_contained(tmp_path, monkeypatch):
-    """No test reaches a hub, temporary files land in the test's own tmp_path, and the
+    """No test reaches a hub, temporary and cached files land in the test's own tmp_path, and the
     process-wide kernel switch (which a training run sets) does not leak into the next test."""
+    import datasets
+
     from moxin import kernels
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(var, "1")
+    # datasets' cache of prepared local datasets would otherwise be the user's own, shared one.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(kernels, "_enabled", False)
 
@@ -45,7 +49,7 @@ def eval_data_dir(tmp_path_factory):
     from tests.eval_fixtures import fake_load_dataset
 
     folder = tmp_path_factory.mktemp("eval_data")
-    suite = EvalSuite(name="fixtures", tasks=[{"name": n} for n in ("arc_easy", "wikitext", "gsm8k", "humaneval",
-                                                                       "popqa")])
+    suite = EvalSuite(name="fixtures", tasks=[{"name": n} for n in (
+        "arc_easy", "wikitext", "gsm8k", "humaneval", "popqa", "mmlu", "minerva_math_algebra")])
     make_local_copies(suite, str(folder), work_dir=folder / "work", load_dataset=fake_load_dataset)
     return folder

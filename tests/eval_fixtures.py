@@ -58,12 +58,33 @@ HUMANEVAL = [{
     "entry_point": "add",
 }]
 
-POPQA = [{
-    "id": 0, "subj": "Cheyenne", "prop": "country", "obj": "United States", "subj_id": 1, "prop_id": 2,
-    "obj_id": 3, "s_aliases": "[]", "o_aliases": "[\"USA\"]", "s_uri": "", "o_uri": "", "s_wiki_title": "Cheyenne",
-    "o_wiki_title": "United States", "s_pop": 100, "o_pop": 1000, "question": "In what country is Cheyenne?",
-    "possible_answers": json.dumps(["United States", "USA", "United States of America"]),
-}]
+def _popqa(i: int, subject: str, prop: str, question: str, answers: list[str]) -> dict:
+    return {"id": i, "subj": subject, "prop": prop, "obj": answers[0], "subj_id": i, "prop_id": 7, "obj_id": 100 + i,
+            "s_aliases": "[]", "o_aliases": json.dumps(answers[1:]), "s_uri": "", "o_uri": "",
+            "s_wiki_title": subject, "o_wiki_title": answers[0], "s_pop": 100, "o_pop": 1000,
+            "question": question, "possible_answers": json.dumps(answers)}
+
+
+POPQA = [
+    _popqa(0, "Cheyenne", "country", "In what country is Cheyenne?", ["United States", "USA"]),
+    _popqa(1, "Lyon", "country", "In what country is Lyon?", ["France", "French Republic"]),
+]
+
+MATH_ALGEBRA = {
+    "train": [{"problem": "What is $2+3$?", "level": "Level 1", "type": "Algebra",
+               "solution": "We add: $2+3=\\boxed{5}$."}],
+    "test": [{"problem": "Solve $2x=1$ for $x$.", "level": "Level 1", "type": "Algebra",
+              "solution": "Dividing by 2, $x=\\boxed{\\frac{1}{2}}$."}],
+}
+
+
+def _mmlu(subject: str) -> dict:
+    """One dev and one test question for any MMLU subject (cais/mmlu's schema)."""
+    def item(n: int) -> dict:
+        return {"question": f"Question {n} about {subject.replace('_', ' ')}?", "subject": subject,
+                "choices": ["first", "second", "third", "fourth"], "answer": n % 4}
+
+    return {"dev": [item(0)], "test": [item(1)]}
 
 FIXTURES = {
     ("allenai/ai2_arc", "ARC-Easy"): {"train": ARC_EASY[:2], "validation": ARC_EASY[2:3], "test": ARC_EASY},
@@ -72,6 +93,7 @@ FIXTURES = {
     ("openai/gsm8k", "main"): GSM8K,
     ("openai/openai_humaneval", None): {"test": HUMANEVAL},
     ("akariasai/PopQA", None): {"test": POPQA},
+    ("EleutherAI/hendrycks_math", "algebra"): MATH_ALGEBRA,
 }
 
 
@@ -79,4 +101,5 @@ def fake_load_dataset(path: str, name: str | None = None, **kwargs):
     """`datasets.load_dataset` for the fixtures above (what a machine with internet would fetch)."""
     from datasets import Dataset, DatasetDict
 
-    return DatasetDict({split: Dataset.from_list(rows) for split, rows in FIXTURES[(path, name)].items()})
+    splits = _mmlu(name) if path == "cais/mmlu" else FIXTURES[(path, name)]
+    return DatasetDict({split: Dataset.from_list(rows) for split, rows in splits.items()})

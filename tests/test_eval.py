@@ -4,6 +4,7 @@ Every lm-eval run here reads small local copies (tests/eval_fixtures.py) in the 
 real hub schemas, through lm-eval's real task definitions.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -129,17 +130,29 @@ def test_generation_task_with_stop_sequences_matches_hflm(saved_model, eval_data
     a = evaluate(ours, tasks, eval_data_dir, tmp_path / "a")
     b = evaluate(hflm, tasks, eval_data_dir, tmp_path / "b")
     assert responses(a, "gsm8k") == responses(b, "gsm8k")
-    assert all("Question:" not in r[0] for r in responses(a, "gsm8k"))
     assert "GSM8K" in a["paper_row"]
 
 
-def test_generate_until_cuts_at_the_first_stop_sequence(ours):
+def test_generate_until_cuts_at_the_first_stop_sequence_as_hflm_does(ours, hflm):
     context = "The number of the beast is"
     free = ours.generate_until([Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 12}), 0)])[0]
     stop = free[len(free) // 2:len(free) // 2 + 3]
     assert stop.strip(), f"pick a visible stop string from {free!r}"
-    cut = ours.generate_until([Instance("generate_until", {}, (context, {"until": [stop], "max_gen_toks": 12}), 0)])[0]
-    assert cut == free[:free.index(stop)]
+    requests = [Instance("generate_until", {}, (context, {"until": [stop], "max_gen_toks": 12}), 0),
+                Instance("generate_until", {}, ("Another prompt", {"until": [stop], "max_gen_toks": 12}), 1)]
+    cut = ours.generate_until(requests)
+    assert cut[0] == free[:free.index(stop)]
+    assert cut == hflm.generate_until(requests)
+
+
+def test_sampled_generations_differ_across_batches(ours):
+    settings = {"until": [], "max_gen_toks": 8, "do_sample": True, "temperature": 1.0}
+    requests = [Instance("generate_until", {}, ("Once upon a time", dict(settings)), i) for i in range(6)]
+    samples = ours.generate_until(requests)  # batch size 3: two batches
+    assert len(set(samples)) == 6
+    with pytest.raises(ValueError, match="num_beams"):
+        beams = {"until": [], "max_gen_toks": 4, "num_beams": 4}
+        ours.generate_until([Instance("generate_until", {}, ("x", beams), 0)])
 
 
 def test_chat_template_is_moxins(ours):
@@ -157,17 +170,39 @@ def test_local_copies_read_offline_like_the_hub(eval_data_dir):
     assert humaneval["test"][0]["entry_point"] == "add"
 
 
-def test_suite_overrides_shots_and_data_for_tasks_and_groups(eval_data_dir, tmp_path):
-    suite = EvalSuite(name="s", data_dir=str(eval_data_dir), tasks=[
-        {"name": "arc_easy", "num_fewshot": 25}, {"name": "mmlu", "num_fewshot": 5}])
-    tm = task_manager(suite, tmp_path)
-    arc = (tmp_path / "task_overrides" / "arc_easy.yaml").read_text()
-    assert "num_fewshot: 25" in arc and str(eval_data_dir / "allenai/ai2_arc") in arc
-    mmlu = (tmp_path / "task_overrides" / "mmlu.yaml").read_text()
-    assert "group: mmlu" in mmlu and "num_fewshot: 5" in mmlu and "dataset_path" not in mmlu  # no local copy
-    assert tm.task_index["arc_easy"].yaml_path.parent == tmp_path / "task_overrides"
+def test_suite_overrides_reach_every_member_of_a_group(eval_data_dir, tmp_path):
+    suite = EvalSuite(name="s", data_dir=str(eval_data_dir), tasks=[{"name": "mmlu", "num_fewshot": 5}])
+    tasks = task_manager(suite, tmp_path).load(["mmlu"])["tasks"]  # builds every subject from the local copy
+    assert len(tasks) == 57
+    local = str(eval_data_dir / "cais/mmlu")
+    assert {(t.config.num_fewshot, t.config.dataset_path) for t in tasks.values()} == {(5, local)}
+
+
+def test_suite_overrides_of_an_earlier_suite_do_not_linger(eval_data_dir, tmp_path):
+    task_manager(EvalSuite(name="a", tasks=[{"name": "arc_easy", "num_fewshot": 25}]), tmp_path)
+    tm = task_manager(EvalSuite(name="b", tasks=[{"name": "arc_easy"}]), tmp_path)
+    assert "num_fewshot" not in tm.task_index["arc_easy"].cfg  # lm-eval's own definition again
     with pytest.raises(ValueError, match="no task or group named 'not_a_task'"):
         task_manager(EvalSuite(name="s", tasks=[{"name": "not_a_task", "num_fewshot": 1}]), tmp_path)
+
+
+def test_a_local_copy_without_the_tasks_configuration_is_an_error(eval_data_dir, tmp_path):
+    suite = EvalSuite(name="s", data_dir=str(eval_data_dir), tasks=[{"name": "arc_challenge"}])  # ARC-Easy only
+    with pytest.raises(FileNotFoundError, match="lacks configuration.*ARC-Challenge"):
+        task_manager(suite, tmp_path)
+
+
+def test_rewritten_local_copies_are_read_afresh(tmp_path):
+    from datasets import Dataset, DatasetDict, load_dataset
+
+    from moxin.eval.commands import make_local_copies
+
+    suite = EvalSuite(name="s", tasks=[{"name": "arc_easy"}])
+    for rows, overwrite in ((FIXTURES[("allenai/ai2_arc", "ARC-Easy")]["test"][:1], False),
+                            (FIXTURES[("allenai/ai2_arc", "ARC-Easy")]["test"][:3], True)):
+        make_local_copies(suite, str(tmp_path / "data"), tmp_path / "work", overwrite=overwrite,
+                          load_dataset=lambda *a, rows=rows, **k: DatasetDict({"test": Dataset.from_list(rows)}))
+        assert load_dataset(str(tmp_path / "data/allenai/ai2_arc"), "ARC-Easy", split="test").to_list() == rows
 
 
 def test_suite_validation():
@@ -192,18 +227,51 @@ def test_paper_row_takes_each_tasks_reported_metric_and_averages():
         paper_row(results, suite)
 
 
-def test_every_suite_config_names_known_tasks_and_metrics(make_cfg, tmp_path):
+def reported_metric_keys(tm, name: str) -> set[str]:
+    """The 'metric,filter' keys lm-eval reports for a task or group, read from its definition."""
+    from lm_eval.tasks._index import Kind
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = tm.task_index[name]
+    cfg = load_yaml(entry.yaml_path, resolve_func=True)  # imports the task's code, as a real run does
+    metrics = cfg.get("aggregate_metric_list" if entry.kind == Kind.GROUP else "metric_list") or []
+    filters = [f["name"] for f in cfg.get("filter_list") or []] or ["none"]
+    keys = set()
+    for m in metrics:
+        names = [m["metric"]] if isinstance(m["metric"], str) else [f"pass@{k}" for k in m.get("k", [1])]
+        flt = [m["filter_list"]] if isinstance(m.get("filter_list"), str) else m.get("filter_list") or filters
+        keys |= {f"{n},{f}" for n in names for f in flt}
+    return keys
+
+
+def test_every_suite_reports_metrics_its_tasks_produce(make_cfg, tmp_path):
     from moxin.eval.commands import suite_from_config
+    from moxin.eval.suites import leaf_tasks
 
     for name in ("fewshot", "zeroshot", "olmes", "math"):
         suite, every = suite_from_config(make_cfg(f"eval={name}").eval)
         assert every == 0 and suite.name == name
-        tm = task_manager(suite, tmp_path / name)  # raises on an unknown task name
-        assert all(t.column for t in suite.tasks)
-        assert tm.task_index[suite.tasks[0].name]
+        tm = task_manager(suite, tmp_path / name)
+        for task in suite.tasks:
+            for leaf in leaf_tasks(tm, task.name):
+                reported_metric_keys(tm, leaf.name)  # every member's code imports
+            assert task.metric_key in reported_metric_keys(tm, task.name), (name, task.name)
     fewshot, _ = suite_from_config(make_cfg("eval=fewshot").eval)
     assert [(t.name, t.num_fewshot, t.metric) for t in fewshot.tasks] == [
         ("arc_challenge", 25, "acc_norm"), ("hellaswag", 10, "acc_norm"), ("mmlu", 5, "acc"), ("winogrande", 5, "acc")]
+
+
+def test_math_task_checks_answers_with_math_verify(eval_data_dir, tmp_path):
+    from tests.test_eval_sandbox import ScriptedLM
+
+    suite = EvalSuite(name="m", data_dir=str(eval_data_dir), tasks=[
+        {"name": "minerva_math_algebra", "num_fewshot": 1, "metric": "math_verify", "column": "MATH"}])
+    stated = " We get $x=0.5$.\nFinal Answer: The final answer is $0.5$. I hope it is correct."
+    assert run_suite(ScriptedLM(stated), suite, tmp_path / "a")["paper_row"]["MATH"] == 100.0  # 0.5 == 1/2
+    assert run_suite(ScriptedLM(" $\\boxed{2}$"), suite, tmp_path / "b")["paper_row"]["MATH"] == 0.0
+    context = run_suite(ScriptedLM(""), dataclasses.replace(suite, log_samples=True), tmp_path / "c")
+    prompt = context["samples"]["minerva_math_algebra"][0]["arguments"][0][0]
+    assert "Final Answer: The final answer is $5$. I hope it is correct." in prompt  # the 1-shot example
 
 
 def test_evaluate_command_writes_results_table_and_wandb(make_cfg, saved_model, eval_data_dir, tmp_path, capsys):

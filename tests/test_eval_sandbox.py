@@ -1,6 +1,9 @@
 """Model-written code runs only in a limited subprocess; HumanEval and PopQA as moxin ships them."""
 
+import os
+import signal
 import time
+from pathlib import Path
 
 import pytest
 from lm_eval.api.model import LM
@@ -32,7 +35,41 @@ def test_program_runs_in_an_empty_folder_without_the_environment(monkeypatch, tm
     monkeypatch.setenv("SECRET_TOKEN", "abc")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.txt").write_text("x")
-    assert run_program("import os\nassert 'SECRET_TOKEN' not in os.environ\nassert os.listdir('.') == []")[0]
+    check = ("import os\nassert 'SECRET_TOKEN' not in os.environ\n"
+             "assert sorted(os.listdir('.')) == ['program.py', 'stderr', 'stdout']")
+    assert run_program(check)[0]
+
+
+def test_processes_a_passing_program_leaves_behind_are_killed(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    program = ("import subprocess\n"
+               "child = subprocess.Popen(['sleep', '30'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+               f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n")
+    assert run_program(program)[0]
+    time.sleep(0.2)
+    stat = Path(f"/proc/{pid_file.read_text()}/stat")
+    assert not stat.exists() or stat.read_text().split()[2] == "Z"  # gone, or killed awaiting its reaper
+
+
+def test_a_process_that_leaves_the_group_does_not_hold_up_the_evaluator(tmp_path):
+    pid_file = tmp_path / "escaped.pid"
+    program = ("import os, subprocess\n"
+               "child = subprocess.Popen(['sleep', '30'], start_new_session=True)\n"
+               f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+               "import time; time.sleep(30)\n")
+    start = time.perf_counter()
+    try:
+        assert run_program(program, Limits(timeout_s=1.0)) == (False, "timed out")
+        assert time.perf_counter() - start < 5
+    finally:
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_large_programs_and_floods_of_output_are_handled():
+    assert run_program("x = 1\n" * 40_000 + "assert x == 1\n")[0]  # 240 KB: too long for a command line
+    passed, reason = run_program("import sys\nwhile True:\n    sys.stderr.write('x' * 65536)",
+                                 Limits(timeout_s=5.0, file_mb=1))
+    assert not passed and reason != "timed out"  # stopped by the file-size limit, not the clock
 
 
 def test_pass_at_k_estimates():
@@ -81,8 +118,11 @@ def test_humaneval_needs_confirmation_then_runs_sandboxed(eval_data_dir, tmp_pat
 
 
 def test_popqa_counts_any_possible_answer(eval_data_dir, tmp_path):
-    suite = EvalSuite(name="qa", data_dir=str(eval_data_dir),
-                      tasks=[{"name": "popqa", "num_fewshot": 0, "metric": "exact_match", "column": "PopQA"}])
-    assert POPQA[0]["question"]
-    assert run_suite(ScriptedLM(" the USA, I think"), suite, tmp_path / "a")["paper_row"]["PopQA"] == 100.0
+    suite = EvalSuite(name="qa", data_dir=str(eval_data_dir), log_samples=True,
+                      tasks=[{"name": "popqa", "num_fewshot": 1, "metric": "exact_match", "column": "PopQA"}])
+    right = run_suite(ScriptedLM(" the USA, I think"), suite, tmp_path / "a")
+    assert right["paper_row"]["PopQA"] == 50.0  # right about Cheyenne, wrong about Lyon
     assert run_suite(ScriptedLM(" Canada"), suite, tmp_path / "b")["paper_row"]["PopQA"] == 0.0
+    prompt = right["samples"]["popqa"][0]["arguments"][0][0]
+    shot = POPQA[1]
+    assert prompt == f"Q: {shot['question']} A: France\n\nQ: {POPQA[0]['question']} A:"

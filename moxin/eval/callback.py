@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import random
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
+import numpy as np
+import torch
 
 from moxin.eval.runner import print_table, run_suite, summary_metrics, wandb_table, write_results
 from moxin.eval.suites import EvalSuite
@@ -15,6 +19,10 @@ class EvalCallback(L.Callback):
 
     Each evaluation writes <run_dir>/eval/step-<step>/results.json, logs eval/<suite>/<column>
     to every logger at that step, and a table of all evaluations so far to W&B.
+
+    Multi-GPU: the other ranks wait at a barrier, so a suite must finish within the process
+    group's timeout (30 minutes by default); keep in-training suites small (eval.limit). Sharded
+    strategies (FSDP) cannot run a forward pass on one rank alone and are refused.
     """
 
     def __init__(self, suite: EvalSuite, every_n_steps: int, tokenizer, run_dir: str | Path):
@@ -25,6 +33,11 @@ class EvalCallback(L.Callback):
         self.history: list[tuple[str, dict[str, float]]] = []  # (label, paper row) per evaluation
         self._last_step = -1
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if "fsdp" in type(trainer.strategy).__name__.lower():
+            raise ValueError("the evaluation callback runs the model on rank 0 alone, which FSDP cannot do; "
+                             "evaluate the saved checkpoints with task=evaluate instead")
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         # With gradient accumulation this hook runs once per micro-batch: evaluate once per step.
@@ -32,7 +45,8 @@ class EvalCallback(L.Callback):
             return
         self._last_step = step
         if trainer.is_global_zero:
-            self._evaluate(trainer, pl_module, step)
+            with preserved_rng_state():  # lm-eval reseeds every generator; training's streams go on
+                self._evaluate(trainer, pl_module, step)
         trainer.strategy.barrier("moxin_eval")
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
@@ -51,3 +65,18 @@ class EvalCallback(L.Callback):
             logger.log_metrics(summary_metrics(row, self.suite), step=step)
             if type(logger).__name__ == "WandbLogger":
                 logger.experiment.log({f"eval/{self.suite.name}/table": wandb_table(self.history)}, step=step)
+
+
+@contextmanager
+def preserved_rng_state():
+    """Restore Python's, NumPy's and torch's (CPU and CUDA) random states after the block."""
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)

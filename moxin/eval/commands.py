@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from moxin.eval.runner import print_table, run_suite, summary_metrics, wandb_table, write_results
-from moxin.eval.suites import EvalSuite, datasets_of, task_manager
+from moxin.eval.suites import EvalSuite, datasets_of, declared_configs, task_manager
 
 
 def suite_from_config(eval_cfg: DictConfig) -> tuple[EvalSuite, int]:
@@ -83,9 +86,10 @@ def eval_data_task(cfg: DictConfig) -> dict[str, Any]:
 
 def make_local_copies(suite: EvalSuite, data_dir: str, work_dir: Path,
                       load_dataset: Callable | None = None, overwrite: bool = False) -> list[Path]:
-    """Write each dataset as <data_dir>/<dataset_path>/<config>/<split>.parquet plus a README.md
-    whose `configs:` block lets `datasets.load_dataset(<folder>, <config>)` read it offline,
-    exactly as it reads the hub repository."""
+    """Write each dataset as <data_dir>/<dataset_path>/<config>/<split>-<hash>.parquet plus a README.md
+    whose `configs:` header lets `datasets.load_dataset(<folder>, <config>)` read it offline, as it
+    reads the hub repository. The content hash in the file names keeps the `datasets` cache from
+    serving an older copy's rows."""
     if load_dataset is None:
         from datasets import load_dataset
     from tqdm import tqdm
@@ -97,18 +101,26 @@ def make_local_copies(suite: EvalSuite, data_dir: str, work_dir: Path,
     for path, config, kwargs in tqdm(wanted, desc="local copies of eval datasets"):
         folder = Path(data_dir).expanduser() / path
         name = config or "default"
-        if (folder / name).is_dir() and not overwrite:
+        if name in (declared_configs(folder) or set()) and not overwrite:
             continue
         splits = load_dataset(path, config, **json.loads(kwargs))
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=_mkdir(folder)))
         files = []
         for split, data in splits.items():
-            target = folder / name / f"{split}.parquet"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            data.to_parquet(str(target))
-            files.append({"split": split, "path": f"{name}/{split}.parquet"})
+            data.to_parquet(str(staging / "part.parquet"))
+            digest = hashlib.sha256((staging / "part.parquet").read_bytes()).hexdigest()[:12]
+            (staging / "part.parquet").rename(staging / f"{split}-{digest}.parquet")
+            files.append({"split": split, "path": f"{name}/{split}-{digest}.parquet"})
+        shutil.rmtree(folder / name, ignore_errors=True)
+        staging.rename(folder / name)  # the config appears whole or not at all
         _declare_config(folder / "README.md", name, files)
         written.append(folder / name)
     return written
+
+
+def _mkdir(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _declare_config(readme: Path, name: str, files: list[dict[str, str]]) -> None:

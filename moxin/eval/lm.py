@@ -8,6 +8,9 @@ therefore accuracies, match HFLM on the same weights. What differs is the arithm
   one-token answer) are run once and scored together;
 - only the continuation positions go through the LM head and the log-softmax, where HFLM
   computes (batch, length, vocab) logits for every position.
+
+Log-softmax is always taken in float32. HFLM takes it in the model's dtype unless given
+softmax_dtype="float32", so with bf16 weights compare against HFLM(..., softmax_dtype="float32").
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class MoxinLM(TemplateLM):
     def __init__(self, ckpt: str | None = None, model: Transformer | None = None, tokenizer=None,
                  tokenizer_name: str = "mistral_v1", batch_size: int | str = 16, max_batch_size: int | None = None,
                  max_length: int | None = None, max_gen_toks: int = 256, device: str | None = None,
-                 add_bos_token: bool | None = None, **unused):
+                 add_bos_token: bool | None = None, seed: int = 1234, **unused):
         super().__init__()
         if unused:
             log.warning("moxin LM ignores model_args %s", sorted(unused))
@@ -85,6 +88,7 @@ class MoxinLM(TemplateLM):
                              f"{model.config.max_seq_len}")
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token
+        self.seed, self._batches_sampled = int(seed), 0
 
     # -- what lm-eval asks of a model -------------------------------------------------------
     @property
@@ -210,14 +214,15 @@ class MoxinLM(TemplateLM):
             max_new = kwargs.pop("max_gen_toks")
             if max_new >= self.max_length:
                 raise ValueError(f"max_gen_toks {max_new} must be below max_length {self.max_length}")
-            sampling = dict(temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
-                            top_p=float(kwargs.get("top_p", 1.0) or 1.0), top_k=int(kwargs.get("top_k", 0) or 0))
+            sampling = self._sampling(kwargs)
             prompts = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):] for i in members}
             order = sorted(members, key=lambda i: len(prompts[i]), reverse=True)
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]
+                self._batches_sampled += 1  # a new seed per batch: repeated samples must differ
                 result = generate(self.model, [prompts[i] for i in chunk], max_new_tokens=max_new,
-                                  stop=[self.eot_token_id, *until], tokenizer=self.tokenizer, seed=0, **sampling)
+                                  stop=[self.eot_token_id, *until], tokenizer=self.tokenizer,
+                                  seed=self.seed + self._batches_sampled, **sampling)
                 for i, tokens in zip(chunk, result.tokens, strict=True):
                     text = postprocess_generated_text(self.tokenizer.decode(tokens, skip_special_tokens=True),
                                                       stop=until, think_end_token=None)
@@ -226,6 +231,19 @@ class MoxinLM(TemplateLM):
                 progress.update(len(chunk))
         progress.close()
         return out
+
+    def _sampling(self, kwargs: dict) -> dict:
+        """Greedy unless the task samples; sampling defaults as transformers' generate (temperature 1,
+        top-k 50, top-p 1). Settings generate() does not implement are refused, not ignored."""
+        unknown = sorted(set(kwargs) - {"do_sample", "temperature", "top_p", "top_k"})
+        if unknown:
+            raise ValueError(f"the moxin model cannot apply generation settings {unknown}; "
+                             "it implements do_sample, temperature, top_p, top_k, until and max_gen_toks")
+        if not kwargs.get("do_sample"):
+            return {"temperature": 0.0}
+        temperature = kwargs.get("temperature")
+        return {"temperature": 1.0 if temperature is None else float(temperature),
+                "top_p": float(kwargs.get("top_p") or 1.0), "top_k": int(kwargs.get("top_k", 50) or 0)}
 
     @contextmanager
     def _inference(self):

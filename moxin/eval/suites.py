@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -75,7 +76,8 @@ def task_manager(suite: EvalSuite, work_dir: str | Path):
 
     base = _base_task_manager(tuple(suite.include_path))
     override_dir = Path(work_dir) / "task_overrides"
-    override_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(override_dir, ignore_errors=True)  # files of an earlier suite must not linger
+    override_dir.mkdir(parents=True)
     for task in suite.tasks:
         for name, cfg in _overrides(base, task, suite.data_dir).items():
             with open(override_dir / f"{name}.yaml", "w") as f:
@@ -116,8 +118,7 @@ def _overrides(tm, task: EvalTask, data_dir: str | None) -> dict[str, dict[str, 
         return {}
     if entry.kind == Kind.GROUP:
         # A group passes its own non-structural keys down to every member task.
-        group_cfg = {k: v for k, v in entry.cfg.items() if k != "include"}
-        return {task.name: {**group_cfg, **changes}}
+        return {task.name: {"include": str(entry.yaml_path), "group": task.name, **changes}}
     if entry.kind == Kind.TAG:
         raise ValueError(f"{task.name!r} is a tag (a set of tasks without an aggregate); list its tasks "
                          f"in the suite instead: {sorted(entry.tags)}")
@@ -158,13 +159,35 @@ def datasets_of(tm, name: str) -> list[tuple[str, str | None, dict]]:
 
 
 def local_dataset_path(tm, name: str, data_dir: str | None) -> str | None:
-    """`<data_dir>/<dataset_path>` if a local copy of the task's dataset is there."""
+    """`<data_dir>/<dataset_path>` if a local copy of the task's dataset is there.
+
+    A copy that lacks a configuration the task reads is an error, not a silent fall-back to the hub.
+    """
     if not data_dir:
         return None
-    paths = {path for path, _, _ in datasets_of(tm, name)}
+    datasets = datasets_of(tm, name)
+    paths = {path for path, _, _ in datasets}
     if len(paths) != 1:
         raise ValueError(f"{name!r} reads {len(paths)} datasets ({sorted(paths)}); local copies need one per "
                          f"suite entry: list its member tasks separately")
     (path,) = paths
-    local = os.path.join(os.path.expanduser(data_dir), path)
-    return os.path.abspath(local) if os.path.isdir(local) else None
+    local = os.path.abspath(os.path.join(os.path.expanduser(data_dir), path))
+    if not os.path.isdir(local):
+        return None
+    declared = declared_configs(local)
+    missing = sorted({config or "default" for _, config, _ in datasets} - declared) if declared is not None else []
+    if missing:
+        raise FileNotFoundError(f"the local copy {local} lacks configuration(s) {missing} that {name!r} reads; "
+                                f"add them with task=eval_data")
+    return local
+
+
+def declared_configs(folder: str | Path) -> set[str] | None:
+    """Config names in a dataset folder's README `configs:` header (None: the folder declares none)."""
+    readme = Path(folder) / "README.md"
+    if not readme.exists():
+        return None
+    parts = readme.read_text().split("---")
+    header = yaml.safe_load(parts[1]) if len(parts) >= 3 else None
+    configs = (header or {}).get("configs")
+    return {c["config_name"] for c in configs} if configs else None

@@ -9,7 +9,7 @@ def answers(doc: dict) -> list[str]:
 
 
 def first_answer(doc: dict) -> str:
-    return " " + answers(doc)[0]
+    return answers(doc)[0]  # lm-eval puts the target delimiter (a space) before it
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
