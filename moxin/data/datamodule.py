@@ -1,4 +1,8 @@
-"""The pretraining LightningDataModule: read, tokenise, pack (or load from cache), mix, serve."""
+"""The pretraining LightningDataModule: read, tokenise, pack (or load from cache), mix, serve.
+
+With `shards_dir`, the packed rows come instead from the token shards a curation run wrote
+(moxin.curate.shards): nothing is read or tokenised, and the mix, sampler and resume state are the same.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Sampler
 
+from moxin.curate.shards import ShardedRows, list_streams, read_manifest
 from moxin.data.mix import MixedSequenceDataset, validation_dataset
 from moxin.data.pack import PackedSplit, pack_documents
 from moxin.data.sources import SourceConfig, SourceStats, iter_documents, source_fingerprint
@@ -34,6 +39,9 @@ class DataConfig:
     seed: int = 1234
     num_workers: int = 0
     cache_dir: str | None = None
+    # Curated token shards (streams "<source name>.train" / ".val"); when set, the sources are not read
+    # and val_fraction and cache_dir do not apply: the curation run made the split.
+    shards_dir: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -96,7 +104,7 @@ class PretrainDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Lightning runs this on one process per node before `setup` runs on every rank: with a
         cache, the sources are read and tokenised once here and the ranks load the result."""
-        if self.config.cache_dir is None or self.train_dataset is not None:
+        if self.config.cache_dir is None or self.config.shards_dir is not None or self.train_dataset is not None:
             return
         self.tokenizer = load_tokenizer(self.config.tokenizer)
         for source in self.config.sources:
@@ -107,11 +115,14 @@ class PretrainDataModule(L.LightningDataModule):
             return  # Lightning calls setup once per stage; packing is done once
         cfg = self.config
         self.tokenizer = load_tokenizer(cfg.tokenizer)
-        train, val, sources = {}, {}, {}
-        for source in cfg.sources:
-            packed, info = self._load_or_pack(source)
-            train[source.name], val[source.name] = packed["train"].rows, packed["val"].rows
-            sources[source.name] = info
+        if cfg.shards_dir is not None:
+            train, val, sources = self._open_shards()
+        else:
+            train, val, sources = {}, {}, {}
+            for source in cfg.sources:
+                packed, info = self._load_or_pack(source)
+                train[source.name], val[source.name] = packed["train"].rows, packed["val"].rows
+                sources[source.name] = info
         self.train_dataset = MixedSequenceDataset(
             train, {s.name: s.weight for s in cfg.sources}, cfg.num_samples, cfg.seed
         )
@@ -165,6 +176,45 @@ class PretrainDataModule(L.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
         )
+
+    # --- curated shards ---
+
+    def _open_shards(self) -> tuple[dict[str, ShardedRows], dict[str, ShardedRows], dict[str, Any]]:
+        """Per source: train rows from stream "<name>.train", validation rows from "<name>.val" when
+        the curation run wrote one; and the summary's per-source "shards" entry."""
+        cfg = self.config
+        manifest = read_manifest(cfg.shards_dir)
+        made_with = manifest.get("tokenizer")
+        if made_with != cfg.tokenizer:
+            raise ValueError(
+                f"the shards in {cfg.shards_dir} were tokenised with {made_with!r} (manifest.json), "
+                f"but data.tokenizer is {cfg.tokenizer!r}"
+            )
+        streams = list_streams(cfg.shards_dir)
+        train, val, sources = {}, {}, {}
+        for source in cfg.sources:
+            if f"{source.name}.train" not in streams:
+                raise ValueError(
+                    f"source {source.name!r}: no stream {source.name + '.train'!r} in {cfg.shards_dir}; "
+                    f"streams found: {streams}"
+                )
+            splits = {"train": ShardedRows(cfg.shards_dir, f"{source.name}.train", cfg.seq_len)}
+            if f"{source.name}.val" in streams:
+                splits["val"] = ShardedRows(cfg.shards_dir, f"{source.name}.val", cfg.seq_len)
+                val[source.name] = splits["val"]
+            train[source.name] = splits["train"]
+            sources[source.name] = {
+                "shards": {
+                    split: {
+                        "shards": len(rows.shards),
+                        "rows": len(rows),
+                        "tokens": rows.tokens,
+                        "dropped_tokens": rows.dropped_tokens,
+                    }
+                    for split, rows in splits.items()
+                }
+            }
+        return train, val, sources
 
     # --- reading, packing and the cache ---
 

@@ -102,7 +102,14 @@ class SequenceDataset(Dataset):
 def validation_dataset(arrays: Mapping[str, np.ndarray], max_sequences: int | None = None) -> SequenceDataset:
     """Concatenate the per-source validation rows; if capped, keep evenly spaced rows so every
     source stays represented in proportion to its size (the first N would favour the first source)."""
-    rows = np.concatenate(list(arrays.values())) if arrays else np.zeros((0, 1), dtype=np.int32)
-    if max_sequences is not None and len(rows) > max_sequences:
-        rows = rows[np.linspace(0, len(rows) - 1, max_sequences).round().astype(np.int64)]
+    parts = list(arrays.values())
+    total = sum(len(rows) for rows in parts)
+    if max_sequences is not None and total > max_sequences:
+        # The kept positions of the concatenation, taken from each source before concatenating, so
+        # that a memory-mapped source (ShardedRows) only reads the rows that are kept.
+        keep = np.linspace(0, total - 1, max_sequences).round().astype(np.int64)
+        starts = np.cumsum([0] + [len(rows) for rows in parts])
+        bounds = zip(parts, starts[:-1], starts[1:], strict=True)
+        parts = [rows[keep[(keep >= lo) & (keep < hi)] - lo] for rows, lo, hi in bounds]
+    rows = np.concatenate([np.asarray(p) for p in parts]) if parts else np.zeros((0, 1), dtype=np.int32)
     return SequenceDataset(rows)

@@ -1,0 +1,1 @@
+"""Data curation: raw documents -> filtered, deduplicated, decontaminated token shards."""
