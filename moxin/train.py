@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from moxin.callbacks import ThroughputMonitor
+from moxin.curate.task import prepare_data_task
 from moxin.data import DataConfig, PretrainDataModule
 from moxin.eval.callback import EvalCallback
 from moxin.eval.commands import eval_data_task, evaluate_task, suite_from_config
@@ -184,5 +185,5 @@ def report(metrics: dict, run_dir: Path, final_dir: Path) -> None:
 
 
 TASKS = {"train": train, "generate": generate_task, "chat": chat_task, "evaluate": evaluate_task,
-         "eval_data": eval_data_task}
+         "eval_data": eval_data_task, "prepare_data": prepare_data_task}
 

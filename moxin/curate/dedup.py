@@ -94,24 +94,34 @@ def shingles(text: str, cfg: NearDedupConfig) -> set[bytes]:
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant (golden ratio): polynomial base
 
 
-def shingle_hashes(text: str, cfg: NearDedupConfig) -> np.ndarray:
-    """Distinct 32-bit hashes of the document's n-grams (those of `shingles`), computed in numpy:
-    a polynomial hash over each window of character code points (or word hashes), then mixed."""
-    normalized = normalize_for_dedup(text)
-    if cfg.unit == "char":
-        units = np.frombuffer(normalized.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    else:
-        units = np.array([zlib.crc32(w.encode("utf-8")) for w in normalized.split()], dtype=np.uint64)
-    n = min(cfg.ngram, max(len(units), 1))
+def ngram_hashes(units: np.ndarray, n: int) -> np.ndarray:
+    """Distinct 64-bit hashes of every window of n consecutive units (uint64 ids of characters or
+    words): a polynomial hash of the window, then mixed. Fewer than n units make one window."""
     if len(units) == 0:
         units = np.zeros(1, dtype=np.uint64)
+    n = min(n, len(units))
     powers = _MULTIPLIER ** np.arange(n - 1, -1, -1, dtype=np.uint64)  # wraps mod 2^64, as intended
     with np.errstate(over="ignore"):
         h = (np.lib.stride_tricks.sliding_window_view(units, n) * powers).sum(axis=1, dtype=np.uint64)
         h ^= h >> np.uint64(31)
         h *= _MULTIPLIER
         h ^= h >> np.uint64(29)
-    return np.unique(h & np.uint64(0xFFFFFFFF))
+    return np.unique(h)
+
+
+def word_ids(words: Sequence[str]) -> np.ndarray:
+    """A stable 32-bit id per word (crc32: the same in every process, unlike hash())."""
+    return np.array([zlib.crc32(w.encode("utf-8")) for w in words], dtype=np.uint64)
+
+
+def shingle_hashes(text: str, cfg: NearDedupConfig) -> np.ndarray:
+    """Distinct 32-bit hashes of the document's n-grams (those of `shingles`), computed in numpy."""
+    normalized = normalize_for_dedup(text)
+    if cfg.unit == "char":
+        units = np.frombuffer(normalized.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    else:
+        units = word_ids(normalized.split())
+    return np.unique(ngram_hashes(units, cfg.ngram) & np.uint64(0xFFFFFFFF))
 
 
 def _signature_chunk(args: tuple[list[str], NearDedupConfig]) -> np.ndarray:

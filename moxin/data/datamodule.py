@@ -42,6 +42,7 @@ class DataConfig:
     # Curated token shards (streams "<source name>.train" / ".val"); when set, the sources are not read
     # and val_fraction and cache_dir do not apply: the curation run made the split.
     shards_dir: str | None = None
+    token_budget: int | None = None  # curation: training tokens the mix keeps, shared by weight
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -14,13 +14,15 @@ import math
 import os
 import platform
 import sysconfig
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 KINDS = ("kjv", "python_stdlib", "text", "jsonl", "parquet", "hf")
 LOCAL_KINDS = ("text", "jsonl", "parquet")
-SKIP_REASONS = ("bad_json", "not_utf8", "not_an_object", "missing_field", "not_a_string", "empty")
+SKIP_REASONS = ("bad_json", "not_utf8", "not_an_object", "missing_field", "not_a_string", "empty", "truncated_file")
+PROFILES = ("prose", "code")  # which quality filters and near-dedup settings curation applies
 
 # Suffixes read for each local kind when `path` is a folder.
 _SUFFIXES = {"text": (".txt", ".md"), "jsonl": (".jsonl", ".jsonl.gz"), "parquet": (".parquet",)}
@@ -44,6 +46,7 @@ class SourceConfig:
     streaming: bool = True
     max_documents: int | None = None
     max_bytes: int | None = None
+    profile: str = "prose"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -55,6 +58,8 @@ class SourceConfig:
             raise ValueError(f"{where}: path is required for kind {self.kind!r}")
         if not self.text_field:
             raise ValueError(f"{where}: text_field must be a non-empty string")
+        if self.profile not in PROFILES:
+            raise ValueError(f"{where}: profile must be one of {PROFILES}, got {self.profile!r}")
         self.weight = float(self.weight)
         if not (self.weight > 0 and math.isfinite(self.weight)):
             raise ValueError(f"{where}: weight must be a finite number > 0, got {self.weight}")
@@ -158,7 +163,15 @@ def _read_jsonl(source: SourceConfig, stats: SourceStats) -> Iterator[Any]:
     for path in list_files(source):
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rb") as f:
-            for line in f:
+            lines = iter(f)
+            while True:
+                try:
+                    line = next(lines)
+                except StopIteration:
+                    break
+                except (EOFError, OSError, zlib.error):  # a cut-off or corrupt .gz: keep what came before
+                    stats.skip("truncated_file")
+                    break
                 if not line.strip():
                     continue  # a blank line is no record (e.g. a trailing newline)
                 try:

@@ -1,0 +1,119 @@
+"""Decontamination: find training documents that contain evaluation items.
+
+Every item of the configured benchmark splits becomes the set of its word 13-grams (after
+`normalize_for_dedup`); a document that shares any of them with an item is a hit, reported with
+the benchmark and the item, and dropped unless `drop` is off. Items shorter than 13 words (many
+ARC answers, PIQA goals) are matched on their whole word sequence when they have at least
+`min_item_words` words; shorter items are too generic to match and are counted as unchecked.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moxin.curate.dedup import ngram_hashes, word_ids
+from moxin.curate.normalize import normalize_for_dedup
+
+
+@dataclass
+class BenchmarkSet:
+    """One evaluation dataset: hub name (or a local copy under data_dir), splits, text fields."""
+
+    name: str
+    path: str
+    config: str | None = None  # "*": every configuration of the dataset (MMLU's subjects, MATH's)
+    splits: list[str] = field(default_factory=lambda: ["test"])
+    fields: list[str] = field(default_factory=lambda: ["question"])  # dotted paths; lists are joined
+
+
+@dataclass
+class DecontamConfig:
+    benchmarks: list[BenchmarkSet]
+    ngram: int = 13
+    min_item_words: int = 8
+    drop: bool = True  # False: report hits, keep the documents
+    data_dir: str | None = None  # local copies in the evaluation layout (task=eval_data)
+
+    def __post_init__(self) -> None:
+        self.benchmarks = [b if isinstance(b, BenchmarkSet) else BenchmarkSet(**b) for b in self.benchmarks]
+        if self.ngram < 1 or self.min_item_words < 1:
+            raise ValueError(f"ngram and min_item_words must be >= 1, got {self.ngram}, {self.min_item_words}")
+
+
+def _field(record: dict, dotted: str) -> str:
+    value: Any = record
+    for key in dotted.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def benchmark_items(bench: BenchmarkSet, data_dir: str | None = None,
+                    load_dataset: Callable | None = None) -> Iterable[tuple[str, str]]:
+    """(item id, text) of every item in the benchmark's splits, from a local copy when there is one."""
+    if load_dataset is None:
+        from datasets import load_dataset
+    path = bench.path
+    if data_dir and os.path.isdir(os.path.join(os.path.expanduser(data_dir), bench.path)):
+        path = os.path.join(os.path.expanduser(data_dir), bench.path)
+    configs = [bench.config]
+    if bench.config == "*":
+        from datasets import get_dataset_config_names
+
+        configs = get_dataset_config_names(path)
+    for config in configs:
+        prefix = f"{config}/" if bench.config == "*" else ""
+        for split in bench.splits:
+            for i, record in enumerate(load_dataset(path, config, split=split)):
+                item_id = record.get("id") or f"{i}"
+                yield f"{prefix}{split}/{item_id}", " ".join(_field(record, f) for f in bench.fields)
+
+
+class ContaminationIndex:
+    """The n-grams of every evaluation item, and the items each came from."""
+
+    def __init__(self, cfg: DecontamConfig, load_dataset: Callable | None = None):
+        self.cfg = cfg
+        self.owners: dict[int, list[tuple[str, str]]] = defaultdict(list)  # n-gram hash -> (benchmark, item)
+        self.short_lengths: set[int] = set()  # word counts of items matched whole
+        self.items: dict[str, int] = defaultdict(int)
+        self.unchecked: dict[str, int] = defaultdict(int)
+        for bench in cfg.benchmarks:
+            for item_id, text in benchmark_items(bench, cfg.data_dir, load_dataset):
+                self.add(bench.name, item_id, text)
+        self._keys = np.array(sorted(self.owners), dtype=np.uint64)
+
+    def add(self, benchmark: str, item_id: str, text: str) -> None:
+        words = normalize_for_dedup(text).split()
+        if len(words) < self.cfg.min_item_words:
+            self.unchecked[benchmark] += 1
+            return
+        self.items[benchmark] += 1
+        n = min(self.cfg.ngram, len(words))
+        if n < self.cfg.ngram:
+            self.short_lengths.add(n)
+        for h in ngram_hashes(word_ids(words), n).tolist():
+            self.owners[h].append((benchmark, item_id))
+        self._keys = None
+
+    def hits(self, text: str) -> list[tuple[str, str]]:
+        """(benchmark, item id) of every evaluation item the text contains an n-gram of."""
+        if self._keys is None:
+            self._keys = np.array(sorted(self.owners), dtype=np.uint64)
+        if not len(self._keys):
+            return []
+        ids = word_ids(normalize_for_dedup(text).split())
+        if len(ids) == 0:
+            return []
+        grams = [ngram_hashes(ids, self.cfg.ngram)] if len(ids) >= self.cfg.ngram else []
+        grams += [ngram_hashes(ids, n) for n in self.short_lengths if n <= len(ids)]
+        found = np.concatenate(grams) if grams else np.zeros(0, np.uint64)
+        matched = found[np.isin(found, self._keys)]
+        return sorted({owner for h in matched.tolist() for owner in self.owners[h]})

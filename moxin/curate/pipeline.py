@@ -1,0 +1,302 @@
+"""The curation pipeline: sources -> normalise -> filter -> exact dedup -> near dedup ->
+decontaminate -> split -> tokenise -> token shards + manifest (+ report).
+
+Documents are held in memory between stages (dedup compares every document with every other);
+a corpus larger than memory is curated in parts, one mix per part (see moxin/curate/dedup.py for
+the memory per million documents). Every document that leaves is counted with its stage and
+reason, per source, in the manifest. Shards are written atomically and a re-run with the same
+configuration re-tokenises only the shards that are not complete yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from moxin.curate.decontam import ContaminationIndex, DecontamConfig
+from moxin.curate.dedup import NearDedupConfig, exact_duplicates, near_duplicates
+from moxin.curate.filters import CodeFilterConfig, ProseFilterConfig, QualityFilter
+from moxin.curate.normalize import normalize_document
+from moxin.curate.shards import ShardWriter, write_manifest
+from moxin.data.datamodule import DataConfig
+from moxin.data.pack import is_validation
+from moxin.data.sources import LOCAL_KINDS, SourceStats, iter_documents, list_files
+
+MANIFEST_FORMAT = 1
+STAGES = ("read", "filter", "exact_dedup", "near_dedup", "decontaminate", "budget")
+
+
+@dataclass
+class CurationConfig:
+    out_dir: str
+    prose_filters: ProseFilterConfig = field(default_factory=ProseFilterConfig)
+    code_filters: CodeFilterConfig = field(default_factory=CodeFilterConfig)
+    exact_dedup: bool = True
+    prose_dedup: NearDedupConfig | None = field(default_factory=NearDedupConfig)
+    code_dedup: NearDedupConfig | None = field(
+        default_factory=lambda: NearDedupConfig(unit="word", ngram=5, num_perm=256, bands=32, rows=8, threshold=0.85))
+    decontamination: DecontamConfig | None = None
+    documents_per_shard: int = 10_000
+    report_clusters: int = 10  # largest duplicate clusters shown in the report
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.prose_filters = _as(ProseFilterConfig, self.prose_filters)
+        self.code_filters = _as(CodeFilterConfig, self.code_filters)
+        self.prose_dedup = _as(NearDedupConfig, self.prose_dedup)
+        self.code_dedup = _as(NearDedupConfig, self.code_dedup)
+        self.decontamination = _as(DecontamConfig, self.decontamination)
+        if self.documents_per_shard < 1:
+            raise ValueError(f"documents_per_shard must be >= 1, got {self.documents_per_shard}")
+
+
+def _as(cls, value):
+    return cls(**value) if isinstance(value, dict) else value
+
+
+@dataclass
+class Document:
+    source: str
+    index: int  # position among the source's documents as read
+    text: str
+
+
+@dataclass
+class SourceReport:
+    """What happened to one source's documents: counts per stage, reasons, characters, tokens."""
+
+    documents: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))  # left after each stage
+    characters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
+    removed: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> reason -> documents
+    read_skipped: dict[str, int] = field(default_factory=dict)  # malformed records, by reason
+    streams: dict[str, Any] = field(default_factory=dict)  # split -> documents, tokens, shards
+
+    def passed(self, stage: str, docs: list[Document]) -> None:
+        self.documents[stage] = len(docs)
+        self.characters[stage] = sum(len(d.text) for d in docs)
+
+
+def curate(data: DataConfig, cfg: CurationConfig, tokenizer, load_dataset: Callable | None = None,
+           log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the pipeline for the mix `data` and return the manifest (also written to out_dir)."""
+    started = time.time()
+    _check_paths(data)  # before any work: a wrong path fails now, naming itself
+    _claim_out_dir(cfg.out_dir, config_hash(data, cfg))
+    reports = {s.name: SourceReport() for s in data.sources}
+    profile = {s.name: s.profile for s in data.sources}
+
+    docs = _read(data, reports, cfg.progress, log)
+    docs = _filter(docs, cfg, profile, reports)
+    clusters: list[dict[str, Any]] = []
+    if cfg.exact_dedup:
+        docs = _drop(docs, exact_duplicates([d.text for d in docs]), "exact_dedup", "duplicate", reports)
+    else:
+        _passed_all(docs, "exact_dedup", reports)
+    docs, clusters = _near_dedup(docs, cfg, profile, reports, log)
+    docs, contamination = _decontaminate(docs, cfg, reports, load_dataset, log)
+    streams = _split_and_budget(docs, data, reports)
+    _write_shards(streams, data, cfg, tokenizer, reports, log)
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "tokenizer": data.tokenizer,
+        "vocab_size": len(tokenizer),
+        "config_hash": config_hash(data, cfg),
+        "config": {"data": _plain(data), "curation": _plain(cfg)},
+        "sources": {name: _plain(report) for name, report in reports.items()},
+        "duplicate_clusters": clusters[: cfg.report_clusters],
+        "duplicate_cluster_count": len(clusters),
+        "contamination": contamination,
+        "seconds": round(time.time() - started, 1),
+    }
+    write_manifest(cfg.out_dir, manifest)
+    return manifest
+
+
+def config_hash(data: DataConfig, cfg: CurationConfig) -> str:
+    """What decides the shards' content: sources, tokenizer, split and every curation setting."""
+    decisive = {"data": {k: v for k, v in _plain(data).items() if k not in ("micro_batch_size", "num_workers",
+                                                                        "cache_dir", "progress", "shards_dir")},
+                "curation": {k: v for k, v in _plain(cfg).items() if k not in ("out_dir", "progress",
+                                                                              "report_clusters")}}
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _claim_out_dir(out_dir: str, digest: str) -> None:
+    """Shards in out_dir are resumed only by a run of the same configuration."""
+    os.makedirs(out_dir, exist_ok=True)
+    claim = os.path.join(out_dir, "config_hash")
+    if os.path.exists(claim):
+        with open(claim) as f:
+            found = f.read().strip()
+        if found != digest:
+            raise ValueError(f"{out_dir} holds shards of another configuration (hash {found}, this run {digest}); "
+                             "choose another curation.out_dir or delete that folder")
+        return
+    if os.listdir(out_dir):
+        raise ValueError(f"{out_dir} is not empty and was not written by a curation run; choose another "
+                         "curation.out_dir")
+    with open(claim, "w") as f:
+        f.write(digest)
+
+
+def _plain(obj) -> Any:
+    return json.loads(json.dumps(asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj, default=str))
+
+
+def _check_paths(data: DataConfig) -> None:
+    for source in data.sources:
+        if source.kind in LOCAL_KINDS:
+            list_files(source)  # raises FileNotFoundError naming the source and the path
+
+
+def _read(data: DataConfig, reports: dict[str, SourceReport], progress: bool, log) -> list[Document]:
+    from tqdm import tqdm
+
+    docs = []
+    for source in data.sources:
+        stats = SourceStats()
+        texts = tqdm(iter_documents(source, stats), desc=f"read {source.name}", unit=" docs", disable=not progress)
+        for i, text in enumerate(texts):
+            docs.append(Document(source.name, i, normalize_document(text)))
+        reports[source.name].read_skipped = {k: v for k, v in stats.skipped.items() if v}
+        reports[source.name].passed("read", [d for d in docs if d.source == source.name])
+    return docs
+
+
+def _filter(docs: list[Document], cfg: CurationConfig, profile: dict[str, str],
+            reports: dict[str, SourceReport]) -> list[Document]:
+    filters = {"prose": QualityFilter(cfg.prose_filters), "code": QualityFilter(cfg.code_filters)}
+    kept = []
+    for doc in docs:
+        reason = filters[profile[doc.source]].reason(doc.text)
+        if reason is None:
+            kept.append(doc)
+        else:
+            removed = reports[doc.source].removed.setdefault("filter", {})
+            removed[reason] = removed.get(reason, 0) + 1
+    _passed_all(kept, "filter", reports)
+    return kept
+
+
+def _passed_all(docs: list[Document], stage: str, reports: dict[str, SourceReport]) -> None:
+    by_source = defaultdict(list)
+    for doc in docs:
+        by_source[doc.source].append(doc)
+    for name, report in reports.items():
+        report.passed(stage, by_source.get(name, []))
+
+
+def _drop(docs: list[Document], removed: dict[int, int], stage: str, reason: str,
+          reports: dict[str, SourceReport]) -> list[Document]:
+    for i in removed:
+        counts = reports[docs[i].source].removed.setdefault(stage, {})
+        counts[reason] = counts.get(reason, 0) + 1
+    kept = [d for i, d in enumerate(docs) if i not in removed]
+    _passed_all(kept, stage, reports)
+    return kept
+
+
+def _near_dedup(docs, cfg: CurationConfig, profile, reports, log) -> tuple[list[Document], list[dict[str, Any]]]:
+    """Near dedup within each profile (prose with prose, code with code), across sources."""
+    removed: dict[int, int] = {}
+    clusters: list[dict[str, Any]] = []
+    for name, settings in (("prose", cfg.prose_dedup), ("code", cfg.code_dedup)):
+        members = [i for i, d in enumerate(docs) if profile[d.source] == name]
+        if settings is None or len(members) < 2:
+            continue
+        log(f"near dedup: {len(members)} {name} documents")
+        local_removed, local_clusters = near_duplicates([docs[i].text for i in members], settings)
+        removed.update({members[r]: members[k] for r, k in local_removed.items()})
+        for cluster in local_clusters:
+            kept = docs[members[cluster[0]]]
+            clusters.append({
+                "size": len(cluster), "profile": name,
+                "kept": {"source": kept.source, "index": kept.index, "excerpt": _excerpt(kept.text)},
+                "removed": [{"source": docs[members[m]].source, "index": docs[members[m]].index,
+                             "excerpt": _excerpt(docs[members[m]].text)} for m in cluster[1:6]],
+            })
+    clusters.sort(key=lambda c: -c["size"])
+    return _drop(docs, removed, "near_dedup", "near_duplicate", reports), clusters
+
+
+def _excerpt(text: str, chars: int = 120) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= chars else flat[:chars] + "..."
+
+
+def _decontaminate(docs, cfg: CurationConfig, reports, load_dataset, log) -> tuple[list[Document], list[dict]]:
+    if cfg.decontamination is None or not cfg.decontamination.benchmarks:
+        _passed_all(docs, "decontaminate", reports)
+        return docs, []
+    index = ContaminationIndex(cfg.decontamination, load_dataset)
+    log(f"decontamination: {sum(index.items.values())} evaluation items indexed "
+        f"({sum(index.unchecked.values())} too short to check)")
+    hits, contaminated = [], {}
+    for i, doc in enumerate(docs):
+        found = index.hits(doc.text)
+        if found:
+            contaminated[i] = i
+            hits.append({"source": doc.source, "index": doc.index, "excerpt": _excerpt(doc.text),
+                         "items": [{"benchmark": b, "item": item} for b, item in found[:20]],
+                         "benchmarks": dict(Counter(b for b, _ in found))})
+    if not cfg.decontamination.drop:
+        _passed_all(docs, "decontaminate", reports)
+        return docs, hits
+    return _drop(docs, contaminated, "decontaminate", "contaminated", reports), hits
+
+
+def _split_and_budget(docs: list[Document], data: DataConfig,
+                      reports: dict[str, SourceReport]) -> dict[str, list[Document]]:
+    """Per source: validation by a stable hash of the text, then the train share of the token
+    budget (counted in characters / 4 until tokenised; the exact tokens are in the streams)."""
+    total_weight = sum(s.weight for s in data.sources)
+    streams: dict[str, list[Document]] = {}
+    for source in data.sources:
+        mine = [d for d in docs if d.source == source.name]
+        val = [d for d in mine if is_validation(d.text, data.val_fraction)]
+        train = [d for d in mine if not is_validation(d.text, data.val_fraction)]
+        budget = data.token_budget
+        if budget:
+            limit, used, kept = budget * source.weight / total_weight, 0.0, []
+            for doc in train:
+                if used >= limit:
+                    break
+                kept.append(doc)
+                used += len(doc.text) / 4
+            if len(kept) < len(train):
+                reports[source.name].removed["budget"] = {"over_budget": len(train) - len(kept)}
+            train = kept
+        reports[source.name].passed("budget", train + val)
+        streams[f"{source.name}.train"], streams[f"{source.name}.val"] = train, val
+    return streams
+
+
+def _write_shards(streams, data: DataConfig, cfg: CurationConfig, tokenizer, reports, log) -> None:
+    from tqdm import tqdm
+
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    eos = [tokenizer.eos_token_id]
+    for stream, docs in streams.items():
+        source, split = stream.rsplit(".", 1)
+        if not docs:
+            reports[source].streams[split] = {"documents": 0, "tokens": 0, "shards": 0}
+            continue
+        with ShardWriter(cfg.out_dir, stream, len(tokenizer), cfg.documents_per_shard) as writer:
+            todo = [i for i in range(len(docs)) if not writer.is_complete(writer.shard_of(i))]
+            for start in tqdm(range(0, len(todo), 256), desc=f"tokenise {stream}", disable=not cfg.progress):
+                batch = todo[start:start + 256]
+                ids = tokenizer([docs[i].text for i in batch], add_special_tokens=False)["input_ids"]
+                for i, doc_ids in zip(batch, ids, strict=True):
+                    writer.add(i, bos + doc_ids + eos)
+            shards = writer.close()
+        if len(todo) < len(docs):
+            log(f"{stream}: {len(docs) - len(todo)} documents in finished shards, not tokenised again")
+        reports[source].streams[split] = {"documents": len(docs), "tokens": sum(s["tokens"] for s in shards),
+                                          "shards": len(shards)}
