@@ -23,8 +23,7 @@ def prepare_data_task(cfg: DictConfig) -> dict[str, Any]:
     tokens = {name: {split: s["tokens"] for split, s in source["streams"].items()}
               for name, source in manifest["sources"].items()}
     print(f"tokens per source and split: {tokens}\nshards, manifest.json, report.md: {curation.out_dir}\n"
-          f"train on them: python run.py data={cfg.get('data_name', '<this mix>')} "
-          f"data.shards_dir={curation.out_dir}")
+          f"train on them: python run.py data={_data_choice()} data.shards_dir={curation.out_dir}")
     return {"out_dir": curation.out_dir, "report": markdown, "tokens": tokens}
 
 
@@ -46,3 +45,10 @@ def _log_to_wandb(cfg: DictConfig, manifest: dict[str, Any], plot: str) -> None:
     run.summary.update({f"data/{name}/{split}_tokens": s["tokens"] for name, source in manifest["sources"].items()
                         for split, s in source["streams"].items()})
     run.finish()
+
+
+def _data_choice() -> str:
+    """The data option this run composed (for the hint that trains on the shards)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices.get("data", "<mix>") if HydraConfig.initialized() else "<mix>"
