@@ -35,6 +35,7 @@ import numpy as np
 from moxin.curate.normalize import normalize_for_dedup
 
 SCHEME = "affine32"  # datasketch 2's default permutation scheme, named so signatures stay comparable
+SIGNATURE_DTYPE = np.uint32  # the hash values of the affine32 scheme
 
 
 @dataclass
@@ -131,7 +132,7 @@ def _signature_chunk(args: tuple[list[str], NearDedupConfig]) -> np.ndarray:
     # The n-grams arrive already hashed to 32-bit integers: datasketch's hash function is then `int`.
     minhashes = MinHash.bulk((shingle_hashes(t, cfg).tolist() for t in texts), num_perm=cfg.num_perm, seed=cfg.seed,
                              scheme=SCHEME, hashfunc=int)
-    return np.stack([m.hashvalues for m in minhashes]) if minhashes else np.zeros((0, cfg.num_perm), np.uint64)
+    return np.stack([m.hashvalues for m in minhashes]) if minhashes else np.zeros((0, cfg.num_perm), SIGNATURE_DTYPE)
 
 
 def signatures(texts: Sequence[str], cfg: NearDedupConfig, progress=None) -> np.ndarray:
@@ -139,7 +140,11 @@ def signatures(texts: Sequence[str], cfg: NearDedupConfig, progress=None) -> np.
     chunks = [(list(texts[i:i + cfg.chunk_size]), cfg) for i in range(0, len(texts), cfg.chunk_size)]
     workers = cfg.workers or os.cpu_count() or 1
     if workers == 1 or len(chunks) <= 1:
-        parts = [_signature_chunk(c) for c in chunks]
+        parts = []
+        for chunk in chunks:
+            parts.append(_signature_chunk(chunk))
+            if progress is not None:
+                progress(len(parts[-1]))
     else:
         with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
             parts = []
@@ -147,7 +152,7 @@ def signatures(texts: Sequence[str], cfg: NearDedupConfig, progress=None) -> np.
                 parts.append(part)
                 if progress is not None:
                     progress(len(part))
-    return np.concatenate(parts) if parts else np.zeros((0, cfg.num_perm), np.uint64)
+    return np.concatenate(parts) if parts else np.zeros((0, cfg.num_perm), SIGNATURE_DTYPE)
 
 
 class UnionFind:

@@ -205,14 +205,16 @@ def _drop(docs: list[Document], removed: dict[int, int], stage: str, reason: str
 
 def _near_dedup(docs, cfg: CurationConfig, profile, reports, log) -> tuple[list[Document], list[dict[str, Any]]]:
     """Near dedup within each profile (prose with prose, code with code), across sources."""
+    from tqdm import tqdm
+
     removed: dict[int, int] = {}
     clusters: list[dict[str, Any]] = []
     for name, settings in (("prose", cfg.prose_dedup), ("code", cfg.code_dedup)):
         members = [i for i, d in enumerate(docs) if profile[d.source] == name]
         if settings is None or len(members) < 2:
             continue
-        log(f"near dedup: {len(members)} {name} documents")
-        local_removed, local_clusters = near_duplicates([docs[i].text for i in members], settings)
+        with tqdm(total=len(members), desc=f"near dedup ({name})", unit=" docs", disable=not cfg.progress) as bar:
+            local_removed, local_clusters = near_duplicates([docs[i].text for i in members], settings, bar.update)
         removed.update({members[r]: members[k] for r, k in local_removed.items()})
         for cluster in local_clusters:
             kept = docs[members[cluster[0]]]
@@ -238,8 +240,10 @@ def _decontaminate(docs, cfg: CurationConfig, reports, load_dataset, log) -> tup
     index = ContaminationIndex(cfg.decontamination, load_dataset)
     log(f"decontamination: {sum(index.items.values())} evaluation items indexed "
         f"({sum(index.unchecked.values())} too short to check)")
+    from tqdm import tqdm
+
     hits, contaminated = [], {}
-    for i, doc in enumerate(docs):
+    for i, doc in enumerate(tqdm(docs, desc="decontaminate", unit=" docs", disable=not cfg.progress)):
         found = index.hits(doc.text)
         if found:
             contaminated[i] = i
