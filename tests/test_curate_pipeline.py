@@ -97,6 +97,10 @@ def test_every_stage_counts_what_it_removed(corpus, tmp_path, eval_data_dir):
     streams = web["streams"]
     assert streams["train"]["documents"] + streams["val"]["documents"] == web["documents"]["budget"]
     assert streams["train"]["tokens"] == sum(s["tokens"] for s in read_stream(tmp_path / "curated", "web.train"))
+    # Tokens are counted at every stage; the streams add BOS and EOS to each document.
+    assert web["tokens"]["read"] > web["tokens"]["filter"] > web["tokens"]["decontaminate"] > 0
+    assert streams["train"]["tokens"] + streams["val"]["tokens"] == web["tokens"]["budget"] + 2 * web["documents"][
+        "budget"]
 
 
 def test_a_missing_path_fails_before_any_work(tmp_path):
@@ -130,7 +134,7 @@ def test_a_rerun_resumes_and_a_changed_config_is_refused(corpus, tmp_path):
     shards[-1].unlink()
     messages.clear()
     second = curate(mix(corpus), curation(tmp_path), tokenizer, log=messages.append)
-    assert any("not tokenised again" in m for m in messages)
+    assert any("not written again" in m for m in messages)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # finished shards untouched
     assert second["sources"]["web"]["streams"] == first["sources"]["web"]["streams"]
     with pytest.raises(ValueError, match="another configuration"):

@@ -82,6 +82,7 @@ def test_jsonl_malformed_records_are_counted_and_skipped(tmp_path):
         "missing_field": 2,
         "not_a_string": 1,
         "empty": 1,
+        "truncated_file": 0,
     }
 
 

@@ -4,8 +4,9 @@ decontaminate -> split -> tokenise -> token shards + manifest (+ report).
 Documents are held in memory between stages (dedup compares every document with every other);
 a corpus larger than memory is curated in parts, one mix per part (see moxin/curate/dedup.py for
 the memory per million documents). Every document that leaves is counted with its stage and
-reason, per source, in the manifest. Shards are written atomically and a re-run with the same
-configuration re-tokenises only the shards that are not complete yet.
+reason, per source, in the manifest, with its documents, characters and tokens after every stage.
+Shards are written atomically and a re-run with the same configuration writes only the shards
+that are not complete yet.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 from moxin.curate.decontam import ContaminationIndex, DecontamConfig
 from moxin.curate.dedup import NearDedupConfig, exact_duplicates, near_duplicates
@@ -65,6 +68,7 @@ class Document:
     source: str
     index: int  # position among the source's documents as read
     text: str
+    tokens: np.ndarray | None = None  # token ids (no BOS/EOS), from the read stage on
 
 
 @dataclass
@@ -73,6 +77,7 @@ class SourceReport:
 
     documents: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))  # left after each stage
     characters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
+    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))  # without BOS/EOS
     removed: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> reason -> documents
     read_skipped: dict[str, int] = field(default_factory=dict)  # malformed records, by reason
     streams: dict[str, Any] = field(default_factory=dict)  # split -> documents, tokens, shards
@@ -80,6 +85,7 @@ class SourceReport:
     def passed(self, stage: str, docs: list[Document]) -> None:
         self.documents[stage] = len(docs)
         self.characters[stage] = sum(len(d.text) for d in docs)
+        self.tokens[stage] = sum(len(d.tokens) for d in docs)
 
 
 def curate(data: DataConfig, cfg: CurationConfig, tokenizer, load_dataset: Callable | None = None,
@@ -91,7 +97,7 @@ def curate(data: DataConfig, cfg: CurationConfig, tokenizer, load_dataset: Calla
     reports = {s.name: SourceReport() for s in data.sources}
     profile = {s.name: s.profile for s in data.sources}
 
-    docs = _read(data, reports, cfg.progress, log)
+    docs = _read(data, tokenizer, reports, cfg.progress)
     docs = _filter(docs, cfg, profile, reports)
     clusters: list[dict[str, Any]] = []
     if cfg.exact_dedup:
@@ -156,17 +162,24 @@ def _check_paths(data: DataConfig) -> None:
             list_files(source)  # raises FileNotFoundError naming the source and the path
 
 
-def _read(data: DataConfig, reports: dict[str, SourceReport], progress: bool, log) -> list[Document]:
+def _read(data: DataConfig, tokenizer, reports: dict[str, SourceReport], progress: bool) -> list[Document]:
+    """Every source's documents, normalised and tokenised (so every stage can count its tokens)."""
     from tqdm import tqdm
 
+    dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
     docs = []
     for source in data.sources:
         stats = SourceStats()
         texts = tqdm(iter_documents(source, stats), desc=f"read {source.name}", unit=" docs", disable=not progress)
-        for i, text in enumerate(texts):
-            docs.append(Document(source.name, i, normalize_document(text)))
+        mine = [Document(source.name, i, normalize_document(text)) for i, text in enumerate(texts)]
+        for start in tqdm(range(0, len(mine), 256), desc=f"tokenise {source.name}", disable=not progress):
+            batch = mine[start:start + 256]
+            for doc, ids in zip(batch, tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"],
+                                strict=True):
+                doc.tokens = np.asarray(ids, dtype=dtype)
         reports[source.name].read_skipped = {k: v for k, v in stats.skipped.items() if v}
-        reports[source.name].passed("read", [d for d in docs if d.source == source.name])
+        reports[source.name].passed("read", mine)
+        docs += mine
     return docs
 
 
@@ -258,8 +271,8 @@ def _decontaminate(docs, cfg: CurationConfig, reports, load_dataset, log) -> tup
 
 def _split_and_budget(docs: list[Document], data: DataConfig,
                       reports: dict[str, SourceReport]) -> dict[str, list[Document]]:
-    """Per source: validation by a stable hash of the text, then the train share of the token
-    budget (counted in characters / 4 until tokenised; the exact tokens are in the streams)."""
+    """Per source: validation by a stable hash of the text, then the source's weighted share of
+    the token budget from the training documents, in order."""
     total_weight = sum(s.weight for s in data.sources)
     streams: dict[str, list[Document]] = {}
     for source in data.sources:
@@ -273,7 +286,7 @@ def _split_and_budget(docs: list[Document], data: DataConfig,
                 if used >= limit:
                     break
                 kept.append(doc)
-                used += len(doc.text) / 4
+                used += len(doc.tokens) + 2  # BOS and EOS
             if len(kept) < len(train):
                 reports[source.name].removed["budget"] = {"over_budget": len(train) - len(kept)}
             train = kept
@@ -283,6 +296,7 @@ def _split_and_budget(docs: list[Document], data: DataConfig,
 
 
 def _write_shards(streams, data: DataConfig, cfg: CurationConfig, tokenizer, reports, log) -> None:
+    """Each stream's documents as [BOS] ids [EOS], in shards; finished shards are left as they are."""
     from tqdm import tqdm
 
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
@@ -294,13 +308,10 @@ def _write_shards(streams, data: DataConfig, cfg: CurationConfig, tokenizer, rep
             continue
         with ShardWriter(cfg.out_dir, stream, len(tokenizer), cfg.documents_per_shard) as writer:
             todo = [i for i in range(len(docs)) if not writer.is_complete(writer.shard_of(i))]
-            for start in tqdm(range(0, len(todo), 256), desc=f"tokenise {stream}", disable=not cfg.progress):
-                batch = todo[start:start + 256]
-                ids = tokenizer([docs[i].text for i in batch], add_special_tokens=False)["input_ids"]
-                for i, doc_ids in zip(batch, ids, strict=True):
-                    writer.add(i, bos + doc_ids + eos)
+            for i in tqdm(todo, desc=f"write {stream}", unit=" docs", disable=not cfg.progress):
+                writer.add(i, np.concatenate([bos, docs[i].tokens, eos]).astype(docs[i].tokens.dtype))
             shards = writer.close()
         if len(todo) < len(docs):
-            log(f"{stream}: {len(docs) - len(todo)} documents in finished shards, not tokenised again")
+            log(f"{stream}: {len(docs) - len(todo)} documents in finished shards, not written again")
         reports[source].streams[split] = {"documents": len(docs), "tokens": sum(s["tokens"] for s in shards),
                                           "shards": len(shards)}

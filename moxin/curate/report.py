@@ -18,10 +18,12 @@ def report_markdown(manifest: dict[str, Any]) -> str:
         tokens = [source["streams"].get(split, {}).get("tokens", 0) for split in ("train", "val")]
         lines.append(f"| {name} | " + " | ".join(f"{source['documents'][s]:,}" for s in STAGES)
                      + f" | {tokens[0]:,} | {tokens[1]:,} |")
-    lines += ["", "Characters left after each stage:", "", "| source | " + " | ".join(STAGES) + " |",
-              "|---" * (len(STAGES) + 1) + "|"]
-    for name, source in manifest["sources"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{source['characters'][s]:,}" for s in STAGES) + " |")
+    for measure in ("tokens", "characters"):
+        lines += ["", f"{measure.capitalize()} left after each stage (without BOS/EOS):" if measure == "tokens"
+                  else "Characters left after each stage:", "", "| source | " + " | ".join(STAGES) + " |",
+                  "|---" * (len(STAGES) + 1) + "|"]
+        for name, source in manifest["sources"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{source[measure][s]:,}" for s in STAGES) + " |")
 
     lines += ["", "## What removed documents", "", "| source | stage | reason | documents |", "|---|---|---|---|"]
     removals = [(n, stage, reason, count) for n, s in manifest["sources"].items()
