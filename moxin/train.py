@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from moxin.callbacks import ThroughputMonitor
+from moxin.checkpoint_io import AtomicCheckpointIO
 from moxin.curate.task import prepare_data_task
 from moxin.data import DataConfig, PretrainDataModule
 from moxin.eval.callback import EvalCallback
@@ -99,6 +100,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callba
                         monitor="step", mode="max",  # "best" = newest: keep the last N
                         auto_insert_metric_name=False),
     ]
+    if phase.get("keep_every_steps"):  # and every K-th step for good (e.g. intermediate releases)
+        callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints" / "kept"), filename="step-{step}",
+                                         every_n_train_steps=phase.keep_every_steps, save_top_k=-1,
+                                         auto_insert_metric_name=False))
     if cfg.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     return L.Trainer(
@@ -108,8 +113,21 @@ def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callba
         check_val_every_n_epoch=None, limit_val_batches=phase.limit_val_batches, num_sanity_val_steps=0,
         log_every_n_steps=phase.log_every_steps, logger=build_loggers(cfg, run_dir) or False,
         callbacks=callbacks, enable_progress_bar=cfg.progress_bar, enable_model_summary=cfg.progress_bar,
-        default_root_dir=str(run_dir),
+        default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
     )
+
+
+def init_weights(module, init_from: str) -> None:
+    """Start from another run's weights (a checkpoint, a run folder or a Hugging Face folder)."""
+    from moxin.checkpoint import load_model
+    from moxin.hf import load_state_dict_checked
+
+    if init_from == "previous":
+        raise ValueError("phase.init_from=previous names the previous stage of a recipe; outside a recipe "
+                         "(python run.py +recipe=NAME) give a checkpoint, a run folder or a Hugging Face folder")
+    source = load_model(init_from)
+    load_state_dict_checked(module.model, source.state_dict(), source=init_from)  # names a mismatched tensor
+    print(f"Initialised the weights from {init_from}")
 
 
 def eval_callbacks(cfg: DictConfig, tokenizer, run_dir: Path) -> list:
@@ -127,7 +145,8 @@ def train(cfg: DictConfig) -> dict:
 
     model_cfg = model_config_for_context(instantiate(cfg.model), cfg.context)
     data_cfg: DataConfig = instantiate(cfg.data)
-    module = MODULES[cfg.phase.module](model_cfg, instantiate(cfg.phase.optimizer))
+    module = MODULES[cfg.phase.module](model_cfg, instantiate(cfg.phase.optimizer),
+                                       nonfinite_loss=cfg.phase.get("nonfinite_loss", "stop"))
     if onednn_enabled():
         use_onednn_linears(module.model)
     datamodule = PretrainDataModule(data_cfg)
@@ -138,6 +157,8 @@ def train(cfg: DictConfig) -> dict:
                                 * data_cfg.micro_batch_size * trainer.world_size)
 
     checkpoint = find_resume_checkpoint(cfg.resume, cfg.paths.checkpoint_search_dir)
+    if checkpoint is None and cfg.phase.get("init_from"):
+        init_weights(module, cfg.phase.init_from)  # weights only: optimizer and schedule start fresh
     metrics: dict = {}
     if checkpoint is None and cfg.phase.validate_before_training:
         initial = trainer.validate(module, datamodule=datamodule, verbose=False)

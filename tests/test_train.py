@@ -163,3 +163,130 @@ def test_keep_checkpoints_keeps_the_newest(make_cfg, tmp_path):
                  "phase.validate_before_training=false"))
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.ckpt"))
     assert kept == ["last.ckpt", "step-4.ckpt", "step-6.ckpt"]  # step 2 dropped; last.ckpt = step 7
+
+
+def test_nonfinite_loss_stops_the_run_naming_the_step(make_cfg, monkeypatch):
+    from moxin.modules.base import NonFiniteLossError
+    from moxin.modules.pretrain import PretrainModule
+
+    real = PretrainModule.lm_loss
+
+    def poisoned(self, batch):
+        loss = real(self, batch)
+        return loss * float("nan") if self.training and self.global_step == 3 else loss
+
+    monkeypatch.setattr(PretrainModule, "lm_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 3.*Last good checkpoint: .*step-2.ckpt"):
+        run(make_cfg(*DEBUG, "phase.max_steps=6", "phase.checkpoint_every_steps=2",
+                     "phase.validate_before_training=false"))
+
+
+def test_nonfinite_loss_steps_can_be_skipped_and_counted(make_cfg, tmp_path, monkeypatch):
+    from moxin.modules.pretrain import PretrainModule
+
+    real = PretrainModule.lm_loss
+    calls = []
+
+    def poisoned(self, batch):
+        loss = real(self, batch)
+        calls.append(self.training)
+        return loss * float("inf") if self.training and len(calls) in (2, 4) else loss
+
+    monkeypatch.setattr(PretrainModule, "lm_loss", poisoned)
+    metrics = run(make_cfg(*DEBUG, "phase.max_steps=5", "phase.nonfinite_loss=skip",
+                           "phase.validate_before_training=false", "phase.val_every_steps=5"))
+    assert metrics["train/skipped_nonfinite"] == 2
+    assert math.isfinite(metrics["val/loss"])
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["skipped_steps"] == 2
+    assert calls.count(True) == 5  # a skipped step still counts towards max_steps
+    assert checkpoint["tokens_seen"] == (5 - 2) * 4 * 64  # but trains on nothing
+
+
+def test_next_phase_starts_from_the_previous_weights_with_a_fresh_optimizer(make_cfg, tmp_path):
+    first = run(make_cfg(*DEBUG, "phase.max_steps=4", "phase.val_every_steps=4", run_name="phase1"))
+    second = run(make_cfg(*DEBUG, "phase.max_steps=2", f"phase.init_from={tmp_path / 'phase1'}",
+                          run_name="phase2"))
+    # Validation before training sees phase 1's final model; the step count and schedule restart.
+    assert second["val/loss_initial"] == pytest.approx(first["val/loss"], rel=1e-5)
+    assert second["train/steps"] == 2
+    checkpoint = torch.load(tmp_path / "phase2" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2
+    assert checkpoint["optimizer_states"][0]["state"][0]["step"] == 2  # AdamW counted from zero again
+    with pytest.raises(ValueError, match="tensor tok_embeddings.weight has shape"):
+        run(make_cfg(*DEBUG, "phase.max_steps=1", "model.dim=64", "model.head_dim=16",
+                     f"phase.init_from={tmp_path / 'phase1'}", run_name="wrong"))
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_usable(make_cfg, tmp_path, monkeypatch):
+    from lightning.fabric.plugins.io import torch_io
+
+    real_save, saves = torch_io._atomic_save, []
+
+    def dying_save(checkpoint, path):
+        saves.append(path)
+        if len(saves) == 2:  # the step-4 save dies after writing half a file
+            with open(path, "wb") as f:
+                f.write(b"half a checkpoint")
+            raise OSError("the process died during this save")
+        real_save(checkpoint, path)
+
+    monkeypatch.setattr(torch_io, "_atomic_save", dying_save)
+    with pytest.raises(OSError, match="died during this save"):
+        run(make_cfg(*DEBUG, "phase.max_steps=6", "phase.checkpoint_every_steps=2", "phase.keep_checkpoints=-1",
+                     "phase.validate_before_training=false"))
+    folder = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-2.ckpt"]  # no half file, no temporary
+    assert torch.load(folder / "step-2.ckpt", weights_only=True)["global_step"] == 2
+    assert find_resume_checkpoint("auto", str(tmp_path)) == str(folder / "step-2.ckpt")
+
+
+def test_every_kth_checkpoint_is_kept_for_good(make_cfg, tmp_path):
+    run(make_cfg(*DEBUG, "phase.max_steps=6", "phase.checkpoint_every_steps=1", "phase.keep_checkpoints=1",
+                 "phase.keep_every_steps=3", "phase.validate_before_training=false"))
+    folder = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in (folder / "kept").glob("*.ckpt")) == ["step-3.ckpt", "step-6.ckpt"]
+    newest = sorted(p.name for p in folder.glob("step-*.ckpt"))
+    assert len(newest) == 1 and (folder / "last.ckpt").exists()  # the rolling window keeps only the newest
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_to_the_same_losses(tmp_path):
+    import csv
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    common = [sys.executable, str(root / "run.py"), *DEBUG, "phase.max_steps=40", "phase.checkpoint_every_steps=4",
+              "phase.keep_checkpoints=-1", "phase.log_every_steps=1", "phase.val_every_steps=40",
+              "phase.validate_before_training=false", "logger=csv", "progress_bar=false",
+              f"paths.output_root={tmp_path}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+    def losses(name: str) -> dict[int, float]:
+        (metrics,) = (tmp_path / name).glob("*/csv/metrics.csv")
+        with open(metrics) as f:
+            return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+    subprocess.run([*common, "name=straight"], env=env, check=True, capture_output=True, timeout=600)
+    victim = subprocess.Popen([*common, "name=killed"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((tmp_path / "killed").glob("*/checkpoints/step-12.ckpt")) and time.time() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not list((tmp_path / "killed").glob("*/checkpoints/last.ckpt")), "the run ended before the kill"
+    subprocess.run([*common, "name=killed", "resume=auto"], env=env, check=True, capture_output=True, timeout=600)
+
+    straight = losses("straight")
+    (finished,) = (tmp_path / "killed").glob("*/checkpoints/last.ckpt")  # the resumed run's folder
+    with open(finished.parent.parent / "csv" / "metrics.csv") as f:
+        resumed = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+    after = sorted(resumed)
+    assert after[0] >= 12  # it resumed from a checkpoint of step 12 or later
+    assert after and after[-1] == 39  # steps are 0-based in the CSV logger
+    assert {s: resumed[s] for s in after} == {s: straight[s] for s in after}  # bit-identical

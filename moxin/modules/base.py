@@ -6,9 +6,11 @@ A phase module subclasses `MoxinModule` and adds only its step (and its own stat
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, dataclass
 
 import lightning as L
+import numpy as np
 import torch
 
 from moxin.model import ModelConfig, Transformer
@@ -71,9 +73,20 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a NaN or infinite loss (phase.nonfinite_loss=stop)."""
+
+
 class MoxinModule(L.LightningModule):
-    def __init__(self, model_config: ModelConfig, optim: OptimConfig):
+    def __init__(self, model_config: ModelConfig, optim: OptimConfig, nonfinite_loss: str = "stop"):
         super().__init__()
+        if nonfinite_loss not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite_loss must be one of {NONFINITE_POLICIES}, got {nonfinite_loss!r}")
+        self.nonfinite_loss = nonfinite_loss
+        self.skipped_steps = 0  # steps skipped for a non-finite loss (policy skip); part of the checkpoint
         # Plain dicts only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters({"model": model_config.to_dict(), "optim": asdict(optim)})
         self.model_config = model_config
@@ -104,8 +117,51 @@ class MoxinModule(L.LightningModule):
     def log_lr(self) -> None:
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=True)
 
+    def nonfinite(self, loss: torch.Tensor) -> bool:
+        """True when this step's loss is NaN/inf on any rank: then skip it (counted) or stop, by policy."""
+        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=loss.device)
+        if self.trainer.world_size > 1:  # every rank must take the same decision
+            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
+        if not bad.item():
+            return False
+        if self.nonfinite_loss == "skip":
+            self.skipped_steps += 1
+            self.log("train/skipped_nonfinite", float(self.skipped_steps), on_step=True)
+            return True
+        last_good = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or "none saved yet"
+        raise NonFiniteLossError(
+            f"training loss is {loss.item()} at step {self.global_step}; stopped instead of training on it. "
+            f"Last good checkpoint: {last_good}. Resume from it (resume=auto) with a lower learning rate, "
+            "or set phase.nonfinite_loss=skip to skip such steps")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint["rng"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        if "rng" in checkpoint:
+            set_rng_state(checkpoint["rng"])
+
+
+def rng_state() -> dict:
+    """Python's, NumPy's and torch's random states as tensors and ints (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {"python": list(internal), "python_version": version, "python_gauss": gauss,
+             "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_rest": [pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    pos, has_gauss, cached = state["numpy_rest"]
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -14,8 +14,10 @@ class PretrainModule(MoxinModule):
         hidden = self.model.hidden_states(batch["input_ids"])  # (B, T, dim)
         return linear_cross_entropy(hidden, self.model.output.weight, batch["labels"])
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         loss = self.lm_loss(batch)
+        if self.nonfinite(loss):
+            return None  # Lightning then skips this step's backward pass and optimizer step
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
         self.log("train/loss", loss, on_step=True, prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen), on_step=True)
