@@ -38,6 +38,10 @@ if logging.getLogger().hasHandlers():
 
 
 def run(cfg: DictConfig) -> dict:
+    if cfg.get("recipe"):
+        from moxin.recipe import run_recipe
+
+        return run_recipe(cfg, run)
     task = cfg.get("task", "train")
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
@@ -145,6 +149,9 @@ def train(cfg: DictConfig) -> dict:
 
     model_cfg = model_config_for_context(instantiate(cfg.model), cfg.context)
     data_cfg: DataConfig = instantiate(cfg.data)
+    if data_cfg.warning:
+        logging.getLogger(__name__).warning("data mix: %s", data_cfg.warning)
+        print(f"WARNING (data mix): {data_cfg.warning}")
     module = MODULES[cfg.phase.module](model_cfg, instantiate(cfg.phase.optimizer),
                                        nonfinite_loss=cfg.phase.get("nonfinite_loss", "stop"))
     if onednn_enabled():
@@ -180,6 +187,9 @@ def train(cfg: DictConfig) -> dict:
         with open(run_dir / "metrics.json", "w") as f:
             json.dump(metrics, f, indent=2)
         report(metrics, run_dir, final_dir)
+    for logger in trainer.loggers:  # a recipe runs stages in one process: each stage gets its own W&B run
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.finish()
     return metrics
 
 

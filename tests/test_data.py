@@ -327,3 +327,16 @@ def test_datamodule_cache_skips_tokenisation(tmp_path, monkeypatch):
     assert second.summary["sources"]["web"]["cached"] is True
     assert second.summary["sources"]["web"]["skipped"] == first.summary["sources"]["web"]["skipped"]
     assert second.summary["mix"] == first.summary["mix"]
+
+
+def test_a_template_formats_records_and_counts_those_it_cannot(tmp_path):
+    (tmp_path / "items.jsonl").write_text(
+        '{"question": "Two plus two?", "choices": ["3", "4"], "answer": 1}\n'
+        '{"question": "No choices here", "answer": 0}\n'
+        '{"question": "Red or blue?", "choices": ["red", "blue"], "answer": 0}\n')
+    source = SourceConfig("qa", "jsonl", path=str(tmp_path), template="Q: {{ question }} A: {{ choices[answer] }}")
+    docs, stats = read(source)
+    assert docs == ["Q: Two plus two? A: 4", "Q: Red or blue? A: red"]
+    assert stats.skipped["template_error"] == 1
+    with pytest.raises(ValueError, match="template does not parse"):
+        SourceConfig("qa", "jsonl", path=str(tmp_path), template="{{ unclosed")

@@ -43,6 +43,8 @@ class DataConfig:
     # and val_fraction and cache_dir do not apply: the curation run made the split.
     shards_dir: str | None = None
     token_budget: int | None = None  # curation: training tokens the mix keeps, shared by weight
+    tiny_sources: list | None = None  # offline stand-ins that +scale=tiny trains on instead of `sources`
+    warning: str | None = None  # said in the run's log (e.g. benchmark training splits in the mix)
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -17,18 +17,21 @@ import sysconfig
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 KINDS = ("kjv", "python_stdlib", "text", "jsonl", "parquet", "hf")
 LOCAL_KINDS = ("text", "jsonl", "parquet")
-SKIP_REASONS = ("bad_json", "not_utf8", "not_an_object", "missing_field", "not_a_string", "empty", "truncated_file")
-PROFILES = ("prose", "code")  # which quality filters and near-dedup settings curation applies
+SKIP_REASONS = ("bad_json", "not_utf8", "not_an_object", "missing_field", "not_a_string", "empty", "truncated_file",
+                "template_error")
+PROFILES = ("prose", "code", "qa")  # curation's filters and near dedup per profile (qa: neither)
 
 # Suffixes read for each local kind when `path` is a folder.
 _SUFFIXES = {"text": (".txt", ".md"), "jsonl": (".jsonl", ".jsonl.gz"), "parquet": (".parquet",)}
 # Standard-library folders that are tests, GUI demos or third-party code rather than library source.
 _STDLIB_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo"}
 _MISSING = object()
+_SKIPPED = object()  # already counted by the reader
 
 
 @dataclass
@@ -47,6 +50,7 @@ class SourceConfig:
     max_documents: int | None = None
     max_bytes: int | None = None
     profile: str = "prose"
+    template: str | None = None  # Jinja: turns a whole record into the document (instead of text_field)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -58,6 +62,8 @@ class SourceConfig:
             raise ValueError(f"{where}: path is required for kind {self.kind!r}")
         if not self.text_field:
             raise ValueError(f"{where}: text_field must be a non-empty string")
+        if self.template is not None:
+            _compiled(self.template)  # a syntax error fails now, naming the source
         if self.profile not in PROFILES:
             raise ValueError(f"{where}: profile must be one of {PROFILES}, got {self.profile!r}")
         self.weight = float(self.weight)
@@ -93,6 +99,8 @@ def iter_documents(source: SourceConfig, stats: SourceStats | None = None) -> It
     """
     stats = SourceStats() if stats is None else stats
     for value in _READERS[source.kind](source, stats):
+        if value is _SKIPPED:
+            continue
         if value is _MISSING or value is None:
             stats.skip("missing_field")
             continue
@@ -146,6 +154,27 @@ def source_fingerprint(source: SourceConfig) -> dict[str, Any]:
     return {}
 
 
+@lru_cache(maxsize=64)
+def _compiled(template: str):
+    import jinja2
+
+    try:
+        return jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False).from_string(template)
+    except jinja2.TemplateSyntaxError as error:
+        raise ValueError(f"data source template does not parse: {error}") from None
+
+
+def _text_of(record: dict, source: SourceConfig, stats: SourceStats) -> Any:
+    """The record's text: its text_field, or the source's template rendered with its fields."""
+    if source.template is None:
+        return record.get(source.text_field, _MISSING)
+    try:
+        return _compiled(source.template).render(**record)
+    except Exception:  # a record the template cannot format (a missing field, a bad index): counted
+        stats.skip("template_error")
+        return _SKIPPED
+
+
 # --- readers: each yields a candidate text (or _MISSING); iter_documents validates and caps ---
 
 
@@ -180,7 +209,7 @@ def _read_jsonl(source: SourceConfig, stats: SourceStats) -> Iterator[Any]:
                     stats.skip("bad_json")
                     continue
                 if isinstance(record, dict):
-                    yield record.get(source.text_field, _MISSING)
+                    yield _text_of(record, source, stats)
                 else:
                     stats.skip("not_an_object")
 
@@ -190,6 +219,10 @@ def _read_parquet(source: SourceConfig, stats: SourceStats) -> Iterator[Any]:
 
     for path in list_files(source):
         pf = pq.ParquetFile(path)
+        if source.template is not None:
+            for batch in pf.iter_batches(batch_size=1024):
+                yield from (_text_of(record, source, stats) for record in batch.to_pylist())
+            continue
         if source.text_field not in pf.schema_arrow.names:
             # A whole file without the column is a wrong text_field, not a malformed record.
             raise ValueError(
@@ -215,7 +248,7 @@ def _read_hf(source: SourceConfig, stats: SourceStats) -> Iterator[Any]:
     )
     for record in ds:
         if isinstance(record, dict):
-            yield record.get(source.text_field, _MISSING)
+            yield _text_of(record, source, stats)
         else:
             stats.skip("not_an_object")
 

@@ -1,0 +1,58 @@
+"""A recipe: experiments run in order, each from the previous one's weights, resumable.
+
+`python run.py +recipe=NAME` composes every stage's configuration (the stage's overrides, then the
+recipe's, which therefore win: `+scale=tiny` after `+experiment=...`) and runs it in
+<output_root>/recipes/<recipe>/<stage>/. A stage with metrics.json is finished and skipped; a
+stage with checkpoints but no metrics.json was interrupted and resumes from its newest
+checkpoint; `init_from: previous` becomes the previous stage's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def run_recipe(cfg: DictConfig, run_stage) -> dict[str, Any]:
+    """Run cfg.recipe's stages with `run_stage(stage_cfg) -> metrics`; return each stage's metrics."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    recipe = cfg.recipe
+    root = Path(cfg.paths.output_root) / "recipes" / recipe.name
+    results: dict[str, Any] = {}
+    previous: Path | None = None
+    for stage in recipe.stages:
+        folder = root / stage.name
+        finished = folder / "metrics.json"
+        if finished.exists():
+            print(f"[recipe {recipe.name}] {stage.name}: finished earlier, skipped ({folder})")
+            results[stage.name] = json.loads(finished.read_text())
+            previous = folder
+            continue
+        overrides = [*stage.overrides, *recipe.overrides, f"name={recipe.name}-{stage.name}",
+                     f"paths.output_root={cfg.paths.output_root}", f"paths.run_dir={folder}",
+                     f"paths.checkpoint_search_dir={folder}", "resume=auto", f"progress_bar={cfg.progress_bar}"]
+        context = nullcontext() if GlobalHydra.instance().is_initialized() else initialize_config_dir(
+            config_dir=CONF_DIR, version_base="1.3")
+        with context:
+            stage_cfg = compose("config", overrides=overrides)
+        if stage_cfg.phase.get("init_from") == "previous":
+            if previous is None:
+                raise ValueError(f"recipe {recipe.name}: stage {stage.name} starts from `previous`, but it is "
+                                 "the first stage")
+            stage_cfg.phase.init_from = str(previous)
+        print(f"[recipe {recipe.name}] {stage.name}: running in {folder}")
+        started = time.time()
+        results[stage.name] = run_stage(stage_cfg)
+        results[stage.name]["stage_seconds"] = round(time.time() - started, 1)
+        previous = folder
+    return results

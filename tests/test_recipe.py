@@ -1,0 +1,71 @@
+"""Pretraining phases, context groups, the +scale=tiny switch, and the recipe runner."""
+
+import json
+
+import pytest
+from hydra.utils import instantiate
+
+from moxin.train import run
+
+PHASES = ("phase1_2k", "phase2_4k", "phase3_enhanced")
+
+
+def test_phase_experiments_compose_at_full_scale(make_cfg):
+    seq_lens, inits = [], []
+    for phase in PHASES:
+        cfg = make_cfg(f"+experiment={phase}")
+        assert cfg.model.n_layers == 36 and cfg.hardware.accelerator == "gpu"
+        seq_lens.append(cfg.context.seq_len)
+        inits.append(cfg.phase.init_from)
+        assert all(s.kind == "hf" for s in cfg.data.sources)  # the hub corpora by name
+    assert seq_lens == [2048, 4096, 4096] and inits == [None, "previous", "previous"]
+    enhanced = make_cfg("+experiment=phase3_enhanced")
+    assert {"arc_challenge", "hellaswag", "winogrande", "mmlu_aux", "race", "obqa"} <= {
+        s.name for s in enhanced.data.sources}
+    assert "EXPERIMENTAL" in enhanced.data.warning and "inflates" in enhanced.data.warning
+
+
+def test_every_phase_runs_offline_at_tiny_scale_with_one_override(make_cfg):
+    seq_lens = []
+    for phase in PHASES:
+        cfg = make_cfg(f"+experiment={phase}", "+scale=tiny")
+        assert cfg.model.dim == 128 and cfg.hardware.accelerator == "cpu"
+        data = instantiate(cfg.data)
+        assert {s.kind for s in data.sources} <= {"kjv", "python_stdlib", "jsonl"}  # nothing from the hub
+        seq_lens.append(cfg.context.seq_len)
+    assert seq_lens[1] > seq_lens[0]  # phase 2 still has the longer context
+
+
+def test_capability_templates_turn_items_into_text(make_cfg):
+    from moxin.data.sources import SourceStats, iter_documents
+
+    data = instantiate(make_cfg("+experiment=phase3_enhanced", "+scale=tiny").data)
+    (capability,) = [s for s in data.sources if s.name == "capability_tiny"]
+    stats = SourceStats()
+    docs = list(iter_documents(capability, stats))
+    assert stats.skipped["template_error"] == 0 and len(docs) == 18
+    assert "Question: Which part of a plant takes in water from the soil?\nAnswer: roots" in docs
+    assert "The trophy would not fit in the suitcase because the trophy was too big." in docs
+    assert any(d.endswith("Answer: A") and "A. H2O" in d for d in docs)  # MMLU's letter answer
+    assert any(d.endswith("Answer: each evening") for d in docs)  # RACE's answer by option letter
+
+
+@pytest.mark.slow
+def test_tiny_recipe_runs_the_phases_in_order_and_skips_finished_stages(make_cfg, tmp_path, capsys):
+    quick = "recipe.overrides=['+scale=tiny','phase.max_steps=4','phase.val_every_steps=4']"
+    first = run(make_cfg("+recipe=moxin_tiny", quick))
+    assert list(first) == list(PHASES)
+    root = tmp_path / "recipes" / "moxin_tiny"
+    for i, phase in enumerate(PHASES):
+        saved = json.loads((root / phase / "metrics.json").read_text())
+        assert saved["train/steps"] == 4
+        config = (root / phase / "config.yaml").read_text()
+        assert (f"init_from: {root / PHASES[i - 1]}" in config) == (i > 0)  # hand-off from the stage before
+    assert "EXPERIMENTAL" in capsys.readouterr().out  # phase 3's mix says so in the run's log
+
+    (root / "phase3_enhanced" / "metrics.json").unlink()  # as if phase 3 had been killed
+    second = run(make_cfg("+recipe=moxin_tiny", quick))
+    out = capsys.readouterr().out
+    assert "phase1_2k: finished earlier, skipped" in out and "phase2_4k: finished earlier, skipped" in out
+    assert "phase3_enhanced: running" in out and "Resuming from" in out  # from its own newest checkpoint
+    assert second["phase1_2k"] == {k: v for k, v in first["phase1_2k"].items() if k != "stage_seconds"}
