@@ -194,3 +194,24 @@ def test_prepare_data_task(make_cfg, corpus, tmp_path):
     manifest = json.loads(open(os.path.join(out["out_dir"], "manifest.json")).read())
     assert manifest["tokenizer"] == "mistral_v1" and out["tokens"]["web"]["train"] > 0
     assert os.path.exists(out["report"])
+
+
+def test_capability_items_that_repeat_an_evaluation_item_are_dropped(tmp_path, eval_data_dir):
+    """Phase 3's benchmark training splits go through decontamination like any source."""
+    items = tmp_path / "arc_train"
+    items.mkdir()
+    rows = [  # one training item that is really an ARC-Easy test item (tests/eval_fixtures.py), one clean one
+        {"id": "leak", "question": "Which of these is a liquid at room temperature?",
+         "choices": {"text": ["rock", "water", "wood", "iron"], "label": ["A", "B", "C", "D"]}, "answerKey": "B"},
+        {"id": "clean", "question": "Which season comes after winter in the northern half of the world?",
+         "choices": {"text": ["spring", "autumn", "summer", "none"], "label": ["A", "B", "C", "D"]}, "answerKey": "A"},
+    ]
+    (items / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    template = ("Question: {{ question }} {{ choices.text | join(' ') }}\n"
+                "Answer: {{ choices.text[choices.label.index(answerKey)] }}")
+    data = DataConfig(sources=[{"name": "arc", "kind": "jsonl", "path": str(items), "template": template,
+                                "profile": "qa"}], val_fraction=0.0)
+    manifest = curate(data, curation(tmp_path, eval_data_dir), load_tokenizer(), log=lambda m: None)
+    arc = manifest["sources"]["arc"]
+    assert arc["removed"]["decontaminate"] == {"contaminated": 1} and "filter" not in arc["removed"]
+    assert arc["streams"]["train"]["documents"] == 1
