@@ -83,6 +83,7 @@ def test_jsonl_malformed_records_are_counted_and_skipped(tmp_path):
         "not_a_string": 1,
         "empty": 1,
         "truncated_file": 0,
+        "template_error": 0,
     }
 
 
