@@ -88,3 +88,15 @@ def test_multirun_sweep_gives_one_output_folder_per_run(tmp_path):
            for r in runs}
     assert lrs == {1e-3, 3e-4}
     assert all(json.load(open(r))["train/steps"] == 1 for r in runs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if not e.startswith("phase")])  # phases: the recipe test
+def test_every_experiment_runs_at_tiny_scale_with_one_override(make_cfg, experiment):
+    from moxin.train import run
+
+    cfg = make_cfg(f"+experiment={experiment}", "+scale=tiny", "phase.max_steps=2", "phase.val_every_steps=2",
+                   "phase.validate_before_training=false")
+    assert cfg.model.dim == 128 and cfg.hardware.accelerator == "cpu"
+    metrics = run(cfg)
+    assert metrics["train/steps"] == 2 and metrics["val/loss"] < 11
