@@ -174,6 +174,9 @@ def train(cfg: DictConfig) -> dict:
         print(f"Resuming from {checkpoint}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    for logger in trainer.loggers:  # a recipe runs stages in one process: each stage gets its own W&B run
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.finish()  # before the run's report, which then stays the last thing printed
 
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     metrics["train/steps"] = float(trainer.global_step)
@@ -187,9 +190,6 @@ def train(cfg: DictConfig) -> dict:
         with open(run_dir / "metrics.json", "w") as f:
             json.dump(metrics, f, indent=2)
         report(metrics, run_dir, final_dir)
-    for logger in trainer.loggers:  # a recipe runs stages in one process: each stage gets its own W&B run
-        if type(logger).__name__ == "WandbLogger":
-            logger.experiment.finish()
     return metrics
 
 

@@ -5,8 +5,10 @@ import gzip
 import json
 import os
 import random
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from moxin.curate.decontam import BenchmarkSet, ContaminationIndex, DecontamConfig
 from moxin.curate.pipeline import CurationConfig, curate
@@ -32,6 +34,7 @@ def edited(text: str, changes: int, seed: int = 0) -> str:
     return " ".join(words)
 
 
+CONF = Path(__file__).resolve().parent.parent / "conf"
 ARC_ITEM = "Which of these is a liquid at room temperature? rock water wood iron"  # tests/eval_fixtures.py
 
 
@@ -157,11 +160,22 @@ def test_report_shows_stages_reasons_clusters_and_hits(corpus, tmp_path, eval_da
     assert os.path.getsize(plot) > 1000 and open(markdown).read() == text
 
 
+def test_winogrande_blanks_split_an_item_into_the_parts_around_them():
+    cfg = DecontamConfig(benchmarks=[])
+    index = ContaminationIndex(cfg)
+    sentence = ("After the long storm the old fishing boat and the little harbour wall were both badly damaged "
+                "and the _ sank")
+    index.add("winogrande", "1", *sentence.split("_"))
+    filled = sentence.replace("_", "boat")  # how the capability template writes it
+    assert index.hits(f"Some text. {filled}. More text.") == [("winogrande", "1")]
+
+
 def test_contamination_index_matches_items_and_short_items(eval_data_dir):
     cfg = DecontamConfig(data_dir=str(eval_data_dir), benchmarks=[BenchmarkSet(
         "arc_easy", "allenai/ai2_arc", "ARC-Easy", ["test"], ["question", "choices.text"])])
     index = ContaminationIndex(cfg)
-    assert index.items["arc_easy"] == 4 and index.unchecked["arc_easy"] == 1  # "Which tool measures ...": 7 words
+    # Pieces are indexed apart: two questions have >= 8 words; the short ones and every choice are too generic.
+    assert index.items["arc_easy"] == 2 and index.unchecked["arc_easy"] == 3
     assert index.hits("Intro. " + ARC_ITEM.upper() + " and more") == [("arc_easy", "test/arc-0")]
     assert index.hits(prose(7)) == []
     index.add("mini", "x", "one two three four five six seven eight nine")  # 9 words: matched whole
@@ -207,8 +221,8 @@ def test_capability_items_that_repeat_an_evaluation_item_are_dropped(tmp_path, e
          "choices": {"text": ["spring", "autumn", "summer", "none"], "label": ["A", "B", "C", "D"]}, "answerKey": "A"},
     ]
     (items / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    template = ("Question: {{ question }} {{ choices.text | join(' ') }}\n"
-                "Answer: {{ choices.text[choices.label.index(answerKey)] }}")
+    shipped = OmegaConf.load(CONF / "data" / "capability_enhancement.yaml")
+    template = next(s.template for s in shipped.sources if s.name == "arc_challenge")  # the real phase-3 format
     data = DataConfig(sources=[{"name": "arc", "kind": "jsonl", "path": str(items), "template": template,
                                 "profile": "qa"}], val_fraction=0.0)
     manifest = curate(data, curation(tmp_path, eval_data_dir), load_tokenizer(), log=lambda m: None)

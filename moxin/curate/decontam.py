@@ -1,10 +1,12 @@
 """Decontamination: find training documents that contain evaluation items.
 
-Every item of the configured benchmark splits becomes the set of its word 13-grams (after
-`normalize_for_dedup`); a document that shares any of them with an item is a hit, reported with
-the benchmark and the item, and dropped unless `drop` is off. Items shorter than 13 words (many
-ARC answers, PIQA goals) are matched on their whole word sequence when they have at least
-`min_item_words` words; shorter items are too generic to match and are counted as unchecked.
+Each configured field of every item (the question, each choice, ...) is indexed on its own, and
+a blank `_` (Winogrande) splits a field into the parts on either side: training text reuses
+these pieces in any format (a template writes the question and only the right answer). A piece
+becomes its word 13-grams (after `normalize_for_dedup`); a piece shorter than 13 words is matched
+on its whole word sequence when it has at least `min_item_words` words (shorter ones are too
+generic to match). A document that contains any piece is a hit, reported with the benchmark and
+the item, and dropped unless `drop` is off. Items with no piece long enough count as unchecked.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ class BenchmarkSet:
     path: str
     config: str | None = None  # "*": every configuration of the dataset (MMLU's subjects, MATH's)
     splits: list[str] = field(default_factory=lambda: ["test"])
-    fields: list[str] = field(default_factory=lambda: ["question"])  # dotted paths; lists are joined
+    fields: list[str] = field(default_factory=lambda: ["question"])  # dotted paths; each list element apart
+    exclude_configs: list[str] = field(default_factory=list)  # with config "*": e.g. MMLU's "all"
 
 
 @dataclass
@@ -46,18 +49,18 @@ class DecontamConfig:
             raise ValueError(f"ngram and min_item_words must be >= 1, got {self.ngram}, {self.min_item_words}")
 
 
-def _field(record: dict, dotted: str) -> str:
+def _pieces(record: dict, dotted: str) -> list[str]:
+    """The texts of one field: a list's elements apart, each split at blanks ('_')."""
     value: Any = record
     for key in dotted.split("."):
         value = value.get(key) if isinstance(value, dict) else None
-    if isinstance(value, list):
-        return " ".join(str(v) for v in value)
-    return "" if value is None else str(value)
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    return [part for v in values for part in str(v).split("_") if part.strip()]
 
 
 def benchmark_items(bench: BenchmarkSet, data_dir: str | None = None,
-                    load_dataset: Callable | None = None) -> Iterable[tuple[str, str]]:
-    """(item id, text) of every item in the benchmark's splits, from a local copy when there is one."""
+                    load_dataset: Callable | None = None) -> Iterable[tuple[str, list[str]]]:
+    """(item id, its text pieces) for every item in the benchmark's splits, from a local copy when there is one."""
     if load_dataset is None:
         from datasets import load_dataset
     path = bench.path
@@ -67,13 +70,13 @@ def benchmark_items(bench: BenchmarkSet, data_dir: str | None = None,
     if bench.config == "*":
         from datasets import get_dataset_config_names
 
-        configs = get_dataset_config_names(path)
+        configs = [c for c in get_dataset_config_names(path) if c not in bench.exclude_configs]
     for config in configs:
         prefix = f"{config}/" if bench.config == "*" else ""
         for split in bench.splits:
             for i, record in enumerate(load_dataset(path, config, split=split)):
                 item_id = record.get("id") or f"{i}"
-                yield f"{prefix}{split}/{item_id}", " ".join(_field(record, f) for f in bench.fields)
+                yield f"{prefix}{split}/{item_id}", [piece for f in bench.fields for piece in _pieces(record, f)]
 
 
 class ContaminationIndex:
@@ -86,22 +89,27 @@ class ContaminationIndex:
         self.items: dict[str, int] = defaultdict(int)
         self.unchecked: dict[str, int] = defaultdict(int)
         for bench in cfg.benchmarks:
-            for item_id, text in benchmark_items(bench, cfg.data_dir, load_dataset):
-                self.add(bench.name, item_id, text)
+            for item_id, pieces in benchmark_items(bench, cfg.data_dir, load_dataset):
+                self.add(bench.name, item_id, *pieces)
         self._keys = np.array(sorted(self.owners), dtype=np.uint64)
 
-    def add(self, benchmark: str, item_id: str, text: str) -> None:
-        words = normalize_for_dedup(text).split()
-        if len(words) < self.cfg.min_item_words:
+    def add(self, benchmark: str, item_id: str, *pieces: str) -> None:
+        indexed = False
+        for piece in pieces:
+            words = normalize_for_dedup(piece).split()
+            if len(words) < self.cfg.min_item_words:
+                continue
+            indexed = True
+            n = min(self.cfg.ngram, len(words))
+            if n < self.cfg.ngram:
+                self.short_lengths.add(n)
+            for h in ngram_hashes(word_ids(words), n).tolist():
+                self.owners[h].append((benchmark, item_id))
+        if indexed:
+            self.items[benchmark] += 1
+            self._keys = None
+        else:
             self.unchecked[benchmark] += 1
-            return
-        self.items[benchmark] += 1
-        n = min(self.cfg.ngram, len(words))
-        if n < self.cfg.ngram:
-            self.short_lengths.add(n)
-        for h in ngram_hashes(word_ids(words), n).tolist():
-            self.owners[h].append((benchmark, item_id))
-        self._keys = None
 
     def hits(self, text: str) -> list[tuple[str, str]]:
         """(benchmark, item id) of every evaluation item the text contains an n-gram of."""

@@ -29,7 +29,7 @@ from moxin.curate.normalize import normalize_document
 from moxin.curate.shards import ShardWriter, write_manifest
 from moxin.data.datamodule import DataConfig
 from moxin.data.pack import is_validation
-from moxin.data.sources import LOCAL_KINDS, SourceStats, iter_documents, list_files
+from moxin.data.sources import LOCAL_KINDS, SourceStats, iter_documents, list_files, source_fingerprint
 
 MANIFEST_FORMAT = 1
 STAGES = ("read", "filter", "exact_dedup", "near_dedup", "decontaminate", "budget")
@@ -125,12 +125,24 @@ def curate(data: DataConfig, cfg: CurationConfig, tokenizer, load_dataset: Calla
     return manifest
 
 
+# Settings that do not change the shards' content: left out of the hash, so that an interrupted
+# curation resumes under another context length, worker count or progress setting.
+_NOT_CONTENT = {"data": ("seq_len", "micro_batch_size", "num_workers", "cache_dir", "progress", "shards_dir", "seed",
+                         "num_samples", "val_max_sequences", "tiny_sources", "warning"),
+                "curation": ("out_dir", "progress", "report_clusters")}
+_NOT_CONTENT_DEDUP = ("workers", "chunk_size")
+
+
 def config_hash(data: DataConfig, cfg: CurationConfig) -> str:
-    """What decides the shards' content: sources, tokenizer, split and every curation setting."""
-    decisive = {"data": {k: v for k, v in _plain(data).items() if k not in ("micro_batch_size", "num_workers",
-                                                                        "cache_dir", "progress", "shards_dir")},
-                "curation": {k: v for k, v in _plain(cfg).items() if k not in ("out_dir", "progress",
-                                                                              "report_clusters")}}
+    """What decides the shards' content: the sources (and their files' sizes and times), the
+    tokenizer, the split and every curation setting that changes what is kept."""
+    decisive = {"data": {k: v for k, v in _plain(data).items() if k not in _NOT_CONTENT["data"]},
+                "curation": {k: v for k, v in _plain(cfg).items() if k not in _NOT_CONTENT["curation"]},
+                "files": [source_fingerprint(s) for s in data.sources]}
+    for key in ("prose_dedup", "code_dedup"):
+        if decisive["curation"].get(key):
+            decisive["curation"][key] = {k: v for k, v in decisive["curation"][key].items()
+                                         if k not in _NOT_CONTENT_DEDUP}
     return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -142,8 +154,9 @@ def _claim_out_dir(out_dir: str, digest: str) -> None:
         with open(claim) as f:
             found = f.read().strip()
         if found != digest:
-            raise ValueError(f"{out_dir} holds shards of another configuration (hash {found}, this run {digest}); "
-                             "choose another curation.out_dir or delete that folder")
+            raise ValueError(f"{out_dir} holds shards of another configuration or of source files that have "
+                             f"changed since (hash {found}, this run {digest}); choose another curation.out_dir "
+                             "or delete that folder")
         return
     if os.listdir(out_dir):
         raise ValueError(f"{out_dir} is not empty and was not written by a curation run; choose another "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -23,6 +24,8 @@ from moxin.data.mix import MixedSequenceDataset, validation_dataset
 from moxin.data.pack import PackedSplit, pack_documents
 from moxin.data.sources import SourceConfig, SourceStats, iter_documents, source_fingerprint
 from moxin.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the packed layout changes, so old caches are not reused
 
@@ -203,8 +206,11 @@ class PretrainDataModule(L.LightningDataModule):
                 )
             splits = {"train": ShardedRows(cfg.shards_dir, f"{source.name}.train", cfg.seq_len)}
             if f"{source.name}.val" in streams:
-                splits["val"] = ShardedRows(cfg.shards_dir, f"{source.name}.val", cfg.seq_len)
-                val[source.name] = splits["val"]
+                try:
+                    splits["val"] = ShardedRows(cfg.shards_dir, f"{source.name}.val", cfg.seq_len)
+                    val[source.name] = splits["val"]
+                except ValueError as short:  # e.g. a few short QA items: no whole row to validate on
+                    log.warning("source %s: no validation rows (%s)", source.name, short)
             train[source.name] = splits["train"]
             sources[source.name] = {
                 "shards": {
