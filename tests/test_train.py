@@ -290,3 +290,36 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_losses(tmp_path):
     assert after[0] >= 12  # it resumed from a checkpoint of step 12 or later
     assert after and after[-1] == 39  # steps are 0-based in the CSV logger
     assert {s: resumed[s] for s in after} == {s: straight[s] for s in after}  # bit-identical
+
+
+def test_skipping_drops_the_whole_accumulated_step(make_cfg, monkeypatch):
+    import lightning as L
+
+    import moxin.train
+    from moxin.modules.pretrain import PretrainModule
+
+    weights = []  # the embedding matrix after each micro-batch
+
+    class Watch(L.Callback):
+        def on_train_start(self, trainer, module):
+            weights.append(module.model.tok_embeddings.weight.detach().clone())
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            weights.append(module.model.tok_embeddings.weight.detach().clone())
+
+    real, calls = PretrainModule.lm_loss, []
+
+    def poisoned(self, batch):
+        loss = real(self, batch)
+        calls.append(self.training)
+        return loss * float("nan") if self.training and calls.count(True) == 1 else loss  # step 1's first half
+
+    monkeypatch.setattr(PretrainModule, "lm_loss", poisoned)
+    monkeypatch.setattr(moxin.train, "eval_callbacks", lambda *args: [Watch()])
+    metrics = run(make_cfg(*DEBUG, "phase.max_steps=2", "phase.accumulate_grad_batches=2",
+                           "phase.nonfinite_loss=skip", "phase.validate_before_training=false",
+                           "phase.val_every_steps=2"))
+    assert metrics["train/skipped_nonfinite"] == 1
+    assert torch.equal(weights[2], weights[0])  # the step with the bad micro-batch changed nothing
+    assert not torch.equal(weights[-1], weights[0])  # a later step trained
+    assert all(torch.isfinite(w).all() for w in weights)

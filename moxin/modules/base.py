@@ -118,21 +118,40 @@ class MoxinModule(L.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=True)
 
     def nonfinite(self, loss: torch.Tensor) -> bool:
-        """True when this step's loss is NaN/inf on any rank: then skip it (counted) or stop, by policy."""
+        """True when this micro-batch's loss is NaN/inf on any rank. Policy stop: raise, naming the
+        step and the last good checkpoint. Policy skip: the caller trains on `zero_loss()` instead and
+        the whole optimizer step (every micro-batch of it, on every rank) is dropped."""
         bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=loss.device)
         if self.trainer.world_size > 1:  # every rank must take the same decision
             bad = self.trainer.strategy.reduce(bad, reduce_op="max")
         if not bad.item():
             return False
         if self.nonfinite_loss == "skip":
-            self.skipped_steps += 1
-            self.log("train/skipped_nonfinite", float(self.skipped_steps), on_step=True)
+            self._skip_this_step = True
             return True
         last_good = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or "none saved yet"
         raise NonFiniteLossError(
             f"training loss is {loss.item()} at step {self.global_step}; stopped instead of training on it. "
             f"Last good checkpoint: {last_good}. Resume from it (resume=auto) with a lower learning rate, "
             "or set phase.nonfinite_loss=skip to skip such steps")
+
+    def zero_loss(self) -> torch.Tensor:
+        """A loss of 0 that still reaches every parameter (zero gradients): the backward pass and
+        gradient synchronisation run as usual, and nothing non-finite enters the gradients."""
+        return sum(p.view(-1)[0] * 0.0 for p in self.parameters() if p.requires_grad)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        if self.nonfinite_loss != "skip":
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if optimizer_closure is not None:
+            optimizer_closure()  # the last micro-batch's forward and backward: it may be the bad one
+        if getattr(self, "_skip_this_step", False):  # some micro-batch of this step was non-finite
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_this_step = False
+            self.skipped_steps += 1
+            self.log("train/skipped_nonfinite", float(self.skipped_steps), on_step=True)
+            return
+        optimizer.step()  # clipping and the other before-step hooks still run (Lightning's optimizer)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen

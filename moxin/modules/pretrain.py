@@ -17,7 +17,7 @@ class PretrainModule(MoxinModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         loss = self.lm_loss(batch)
         if self.nonfinite(loss):
-            return None  # Lightning then skips this step's backward pass and optimizer step
+            return self.zero_loss()  # the optimizer step this micro-batch belongs to is dropped
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
         self.log("train/loss", loss, on_step=True, prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen), on_step=True)
