@@ -163,6 +163,9 @@ def train(cfg: DictConfig) -> dict:
         data_cfg.num_samples = (cfg.phase.max_steps * cfg.phase.accumulate_grad_batches
                                 * data_cfg.micro_batch_size * trainer.world_size)
 
+    for folder in (run_dir, Path(cfg.paths.checkpoint_search_dir)):  # saves cut short by a kill
+        for leftover in folder.glob("**/*.ckpt.*.tmp"):
+            leftover.unlink(missing_ok=True)
     checkpoint = find_resume_checkpoint(cfg.resume, cfg.paths.checkpoint_search_dir)
     if checkpoint is None and cfg.phase.get("init_from"):
         init_weights(module, cfg.phase.init_from)  # weights only: optimizer and schedule start fresh

@@ -323,3 +323,28 @@ def test_skipping_drops_the_whole_accumulated_step(make_cfg, monkeypatch):
     assert torch.equal(weights[2], weights[0])  # the step with the bad micro-batch changed nothing
     assert not torch.equal(weights[-1], weights[0])  # a later step trained
     assert all(torch.isfinite(w).all() for w in weights)
+
+
+@pytest.mark.slow
+def test_resume_restores_the_random_streams_training_draws_from(make_cfg, tmp_path, monkeypatch):
+    from moxin.modules.pretrain import PretrainModule
+
+    real, draws = PretrainModule.lm_loss, []
+
+    def noisy(self, batch):  # as dropout would: one draw from each generator per training step
+        if self.training:
+            import random
+
+            import numpy as np
+            draws.append((self.global_step, torch.rand(1).item(), float(np.random.rand()), random.random()))
+        return real(self, batch)
+
+    monkeypatch.setattr(PretrainModule, "lm_loss", noisy)
+    common = (*DEBUG, "phase.max_steps=6", "phase.val_every_steps=6", "phase.validate_before_training=false")
+    run(make_cfg(*common, "phase.checkpoint_every_steps=3", "phase.keep_checkpoints=-1", run_name="straight"))
+    straight = {step: values for step, *values in draws}
+    draws.clear()
+    run(make_cfg(*common, f"resume={tmp_path / 'straight' / 'checkpoints' / 'step-3.ckpt'}", run_name="resumed"))
+    resumed = {step: values for step, *values in draws}
+    assert sorted(resumed) == [3, 4, 5]
+    assert {step: straight[step] for step in resumed} == resumed

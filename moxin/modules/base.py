@@ -161,8 +161,14 @@ class MoxinModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
-        if "rng" in checkpoint:
-            set_rng_state(checkpoint["rng"])
+        # Restored at the first training batch, not now: Lightning draws from the global generators
+        # while it rebuilds the data loaders after loading, which the uninterrupted run did not do.
+        self._rng_to_restore = checkpoint.get("rng")
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if getattr(self, "_rng_to_restore", None) is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
 
 
 def rng_state() -> dict:
@@ -182,5 +188,6 @@ def set_rng_state(state: dict) -> None:
     pos, has_gauss, cached = state["numpy_rest"]
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # resumed on fewer visible GPUs: the first ones
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
