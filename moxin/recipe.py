@@ -21,12 +21,28 @@ from omegaconf import DictConfig
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
+def _command_line_overrides() -> list[str]:
+    """The user's own overrides (`seed=7 hardware=gpu ...`): every stage gets them, after its own.
+    A recipe is one sequence of folders, so a multirun sweep over it is refused."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return []
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        raise ValueError("a recipe cannot run as a multirun sweep (its stages share one folder each); run one "
+                         "recipe per command, with recipe.name=... to keep variants apart")
+    return [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(("recipe", "paths.run_dir"))]
+
+
 def run_recipe(cfg: DictConfig, run_stage) -> dict[str, Any]:
     """Run cfg.recipe's stages with `run_stage(stage_cfg) -> metrics`; return each stage's metrics."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     recipe = cfg.recipe
+    forwarded = _command_line_overrides()
     root = Path(cfg.paths.output_root) / "recipes" / recipe.name
     results: dict[str, Any] = {}
     previous: Path | None = None
@@ -38,7 +54,7 @@ def run_recipe(cfg: DictConfig, run_stage) -> dict[str, Any]:
             results[stage.name] = json.loads(finished.read_text())
             previous = folder
             continue
-        overrides = [*stage.overrides, *recipe.overrides, f"name={recipe.name}-{stage.name}",
+        overrides = [*stage.overrides, *recipe.overrides, *forwarded, f"name={recipe.name}-{stage.name}",
                      f"paths.output_root={cfg.paths.output_root}", f"paths.run_dir={folder}",
                      f"paths.checkpoint_search_dir={folder}", "resume=auto", f"progress_bar={cfg.progress_bar}"]
         context = nullcontext() if GlobalHydra.instance().is_initialized() else initialize_config_dir(
