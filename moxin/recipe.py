@@ -36,6 +36,17 @@ def _command_line_overrides() -> list[str]:
     return [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(("recipe", "paths.run_dir"))]
 
 
+def _changed_groups(saved_path: Path, stage_cfg: DictConfig) -> list[str]:
+    """Top-level keys whose resolved values differ from the configuration the stage ran with."""
+    from omegaconf import OmegaConf
+
+    if not saved_path.exists():
+        return []
+    saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
+    now = OmegaConf.to_container(stage_cfg, resolve=True)
+    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+
+
 def run_recipe(cfg: DictConfig, run_stage) -> dict[str, Any]:
     """Run cfg.recipe's stages with `run_stage(stage_cfg) -> metrics`; return each stage's metrics."""
     from hydra import compose, initialize_config_dir
@@ -48,12 +59,6 @@ def run_recipe(cfg: DictConfig, run_stage) -> dict[str, Any]:
     previous: Path | None = None
     for stage in recipe.stages:
         folder = root / stage.name
-        finished = folder / "metrics.json"
-        if finished.exists():
-            print(f"[recipe {recipe.name}] {stage.name}: finished earlier, skipped ({folder})")
-            results[stage.name] = json.loads(finished.read_text())
-            previous = folder
-            continue
         overrides = [*stage.overrides, *recipe.overrides, *forwarded, f"name={recipe.name}-{stage.name}",
                      f"paths.output_root={cfg.paths.output_root}", f"paths.run_dir={folder}",
                      f"paths.checkpoint_search_dir={folder}", "resume=auto", f"progress_bar={cfg.progress_bar}"]
@@ -66,6 +71,15 @@ def run_recipe(cfg: DictConfig, run_stage) -> dict[str, Any]:
                 raise ValueError(f"recipe {recipe.name}: stage {stage.name} starts from `previous`, but it is "
                                  "the first stage")
             stage_cfg.phase.init_from = str(previous)
+        finished = folder / "metrics.json"
+        if finished.exists():
+            changed = _changed_groups(folder / "config.yaml", stage_cfg)
+            note = f"; its configuration has changed since ({', '.join(changed)}): delete {finished} to rerun it" \
+                if changed else ""
+            print(f"[recipe {recipe.name}] {stage.name}: finished earlier, skipped ({folder}){note}")
+            results[stage.name] = json.loads(finished.read_text())
+            previous = folder
+            continue
         print(f"[recipe {recipe.name}] {stage.name}: running in {folder}")
         started = time.time()
         results[stage.name] = run_stage(stage_cfg)

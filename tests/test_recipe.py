@@ -69,3 +69,8 @@ def test_tiny_recipe_runs_the_phases_in_order_and_skips_finished_stages(make_cfg
     assert "phase1_2k: finished earlier, skipped" in out and "phase2_4k: finished earlier, skipped" in out
     assert "phase3_enhanced: running" in out and "Resuming from" in out  # from its own newest checkpoint
     assert second["phase1_2k"] == {k: v for k, v in first["phase1_2k"].items() if k != "stage_seconds"}
+    assert "has changed since" not in out
+
+    run(make_cfg("+recipe=moxin_tiny", quick.replace("max_steps=4", "max_steps=5")))
+    assert "phase1_2k: finished earlier, skipped" in (out := capsys.readouterr().out)
+    assert "its configuration has changed since (phase)" in out
