@@ -12,7 +12,7 @@ Batches of prompts of different lengths are left-padded: all rows advance throug
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -162,11 +162,20 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     should_stop = StopCriteria(stop, tokenizer)
+    with inference_context(model):
+        return _decode(model, prompts, max_new_tokens, temperature, top_p, top_k, generator, should_stop, callback)
+
+
+@contextmanager
+def inference_context(model: torch.nn.Module):
+    """Eval mode (the model's mode is restored after), inference_mode, and oneDNN products on a CPU
+    where the process switched them on (moxin.kernels)."""
     was_training = model.training
+    on_cpu = next(model.parameters()).device.type == "cpu"
     model.eval()
     try:
-        with onednn_linears(model) if device.type == "cpu" and onednn_enabled() else nullcontext():
-            return _decode(model, prompts, max_new_tokens, temperature, top_p, top_k, generator, should_stop, callback)
+        with torch.inference_mode(), onednn_linears(model) if on_cpu and onednn_enabled() else nullcontext():
+            yield
     finally:
         model.train(was_training)
 

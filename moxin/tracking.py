@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,3 +25,24 @@ def wandb_settings(wandb_cfg, run_dir: Path, name: str, config: dict[str, Any]) 
         os.environ[var] = str(Path(run_dir) / "wandb" / sub)
     return dict(project=wandb_cfg.project, entity=wandb_cfg.entity, name=name, group=wandb_cfg.group,
                 tags=list(wandb_cfg.tags or []), mode=wandb_cfg.mode, config=config)
+
+
+@contextmanager
+def standalone_wandb_run(cfg, job_type: str):
+    """A W&B run for a task that has no Trainer (evaluate, prepare_data), in the run folder; yields
+    None when W&B is off. The run is finished on leaving the block."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(cfg.paths.run_dir)
+    settings = wandb_settings(cfg.logger.wandb, run_dir, cfg.name, OmegaConf.to_container(cfg, resolve=True))
+    if settings is None:
+        yield None
+        return
+    import wandb
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(dir=str(run_dir), job_type=job_type, **settings)
+    try:
+        yield run
+    finally:
+        run.finish()

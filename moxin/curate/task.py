@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
@@ -28,23 +27,19 @@ def prepare_data_task(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _log_to_wandb(cfg: DictConfig, manifest: dict[str, Any], plot: str) -> None:
-    from moxin.tracking import wandb_settings
+    from moxin.tracking import standalone_wandb_run
 
-    run_dir = Path(cfg.paths.run_dir)
-    settings = wandb_settings(cfg.logger.wandb, run_dir, cfg.name, OmegaConf.to_container(cfg, resolve=True))
-    if settings is None:
-        return
-    import wandb
+    with standalone_wandb_run(cfg, job_type="data") as run:
+        if run is None:
+            return
+        import wandb
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(dir=str(run_dir), job_type="data", **settings)
-    stages = next(iter(manifest["sources"].values()))["documents"].keys()
-    table = wandb.Table(columns=["source", *stages], data=[[name, *s["documents"].values()]
-                                                           for name, s in manifest["sources"].items()])
-    run.log({"data/stages": table, "data/report": wandb.Image(plot)})
-    run.summary.update({f"data/{name}/{split}_tokens": s["tokens"] for name, source in manifest["sources"].items()
-                        for split, s in source["streams"].items()})
-    run.finish()
+        stages = next(iter(manifest["sources"].values()))["documents"].keys()
+        table = wandb.Table(columns=["source", *stages], data=[[name, *s["documents"].values()]
+                                                               for name, s in manifest["sources"].items()])
+        run.log({"data/stages": table, "data/report": wandb.Image(plot)})
+        run.summary.update({f"data/{name}/{split}_tokens": s["tokens"] for name, source in manifest["sources"].items()
+                            for split, s in source["streams"].items()})
 
 
 def _data_choice() -> str:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import random
 from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
-import numpy as np
-import torch
 
 from moxin.eval.runner import print_table, run_suite, summary_metrics, wandb_table, write_results
 from moxin.eval.suites import EvalSuite
+from moxin.modules.base import rng_state, set_rng_state
 
 
 class EvalCallback(L.Callback):
@@ -70,13 +68,8 @@ class EvalCallback(L.Callback):
 @contextmanager
 def preserved_rng_state():
     """Restore Python's, NumPy's and torch's (CPU and CUDA) random states after the block."""
-    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    state = rng_state()
     try:
         yield
     finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.random.set_rng_state(states[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
+        set_rng_state(state)

@@ -55,22 +55,17 @@ def evaluate_task(cfg: DictConfig) -> dict[str, Any]:
     path = write_results(results, suite, run_dir / "results.json", label)
     print_table(results["paper_row"], suite, label)
     print(f"results: {path}")
-    _log_to_wandb(cfg, run_dir, suite, results["paper_row"], label)
+    _log_to_wandb(cfg, suite, results["paper_row"], label)
     return {"paper_row": results["paper_row"], "results": str(path), "run_dir": str(run_dir)}
 
 
-def _log_to_wandb(cfg: DictConfig, run_dir: Path, suite: EvalSuite, row: dict[str, float], label: str) -> None:
-    from moxin.tracking import wandb_settings
+def _log_to_wandb(cfg: DictConfig, suite: EvalSuite, row: dict[str, float], label: str) -> None:
+    from moxin.tracking import standalone_wandb_run
 
-    settings = wandb_settings(cfg.logger.wandb, run_dir, cfg.name, OmegaConf.to_container(cfg, resolve=True))
-    if settings is None:
-        return
-    import wandb
-
-    run = wandb.init(dir=str(run_dir), job_type="eval", **settings)
-    run.summary.update(summary_metrics(row, suite))
-    run.log({f"eval/{suite.name}/table": wandb_table([(label, row)])})
-    run.finish()
+    with standalone_wandb_run(cfg, job_type="eval") as run:
+        if run is not None:
+            run.summary.update(summary_metrics(row, suite))
+            run.log({f"eval/{suite.name}/table": wandb_table([(label, row)])})
 
 
 def eval_data_task(cfg: DictConfig) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -33,8 +32,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from moxin.chat import chat_template_of
-from moxin.generate import generate
-from moxin.kernels import onednn_enabled, onednn_linears
+from moxin.generate import generate, inference_context
 from moxin.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -141,7 +139,7 @@ class MoxinLM(TemplateLM):
 
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="moxin loglikelihood")
-        with self._inference():
+        with inference_context(self.model):
             for start in range(0, len(inputs), self.batch_size):
                 batch = inputs[start:start + self.batch_size]
                 hidden = self._hidden_states(batch)  # (B, T, dim)
@@ -244,15 +242,3 @@ class MoxinLM(TemplateLM):
         temperature = kwargs.get("temperature")
         return {"temperature": 1.0 if temperature is None else float(temperature),
                 "top_p": float(kwargs.get("top_p") or 1.0), "top_k": int(kwargs.get("top_k", 50) or 0)}
-
-    @contextmanager
-    def _inference(self):
-        """inference_mode and eval mode (restored after), oneDNN products where the process chose them."""
-        was_training = self.model.training
-        use_onednn = self.device.type == "cpu" and onednn_enabled()
-        self.model.eval()
-        try:
-            with torch.inference_mode(), onednn_linears(self.model) if use_onednn else nullcontext():
-                yield
-        finally:
-            self.model.train(was_training)
