@@ -1,6 +1,7 @@
 """Loss functions: pure tensor functions, no model or Lightning inside.
 
-Later phases add sequence log-probabilities, the DPO family and the GRPO family here.
+Next-token cross-entropy (pretraining, SFT), sequence log-probabilities and the DPO family;
+the GRPO family joins them later.
 """
 
 from __future__ import annotations
@@ -89,3 +90,71 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     total = sum(causal_lm_loss(kernels.linear(hidden[s:s + chunk_size], weight), labels[s:s + chunk_size],
                                reduction="sum") for s in range(0, hidden.shape[0], chunk_size))
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1) if reduction == "mean" else total
+
+
+# --- sequence log-probabilities ---
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Log-probability of each row's labelled tokens: the sum over positions whose label is not
+    IGNORE_INDEX (average=True: their mean). logits (B, T, V) aligned with labels (B, T) -> (B,)."""
+    valid = labels != IGNORE_INDEX
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    total = (logp * valid).sum(dim=-1)
+    return total / valid.sum(dim=-1).clamp(min=1) if average else total
+
+
+def sequence_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """sequence_logps(hidden @ weight.T, labels) (sums), forming logits only at labelled positions:
+    a DPO batch's replies are a fraction of its tokens, and the (B, T, V) logits never exist."""
+    valid = labels != IGNORE_INDEX
+    rows = valid.nonzero()[:, 0]
+    logits = kernels.linear(hidden[valid], weight.to(hidden.dtype)).float()  # (labelled tokens, V)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels[valid].unsqueeze(-1)).squeeze(-1)
+    return torch.zeros(labels.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
+
+
+# --- the DPO family ---
+
+DPO_LOSSES = ("sigmoid", "dpo_norm", "ipo", "hinge")
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, *, loss: str = "sigmoid", beta: float = 0.1,
+             label_smoothing: float = 0.0, chosen_tokens: torch.Tensor | None = None,
+             rejected_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair preference losses and implicit rewards from summed sequence log-probs (each (B,)).
+
+    With r = beta * (log pi(y|x) - log pi_ref(y|x)) and margin m = (r_chosen - r_rejected) / beta:
+      - sigmoid:  -(1 - ls) log sigmoid(beta m) - ls log sigmoid(-beta m)   (DPO; ls = label smoothing)
+      - dpo_norm: sigmoid on log-probs divided by each reply's token count (Tülu 3's length-normalised DPO)
+      - ipo:      (m - 1 / (2 beta))^2   (IPO, on summed log-probs as in its paper)
+      - hinge:    max(0, 1 - beta m)     (SLiC)
+    Returns (losses, chosen rewards, rejected rewards); the rewards carry no gradient.
+    """
+    if loss not in DPO_LOSSES:
+        raise ValueError(f"DPO loss must be one of {DPO_LOSSES}, got {loss!r}")
+    if loss == "dpo_norm":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("dpo_norm needs chosen_tokens and rejected_tokens (the replies' token counts)")
+        chosen_count, rejected_count = chosen_tokens.clamp(min=1), rejected_tokens.clamp(min=1)
+        policy_chosen, reference_chosen = policy_chosen / chosen_count, reference_chosen / chosen_count
+        policy_rejected, reference_rejected = policy_rejected / rejected_count, reference_rejected / rejected_count
+    chosen_ratio = policy_chosen - reference_chosen
+    rejected_ratio = policy_rejected - reference_rejected
+    margin = chosen_ratio - rejected_ratio
+    if loss in ("sigmoid", "dpo_norm"):
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
+    elif loss == "ipo":
+        losses = (margin - 1 / (2 * beta)) ** 2
+    else:
+        losses = torch.relu(1 - beta * margin)
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Reward accuracy (share of pairs whose chosen reply earns the higher implicit reward), the mean
+    margin between them, and each side's mean reward."""
+    return {"reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+            "reward_margin": (chosen_rewards - rejected_rewards).mean(),
+            "chosen_reward": chosen_rewards.mean(), "rejected_reward": rejected_rewards.mean()}

@@ -125,6 +125,21 @@ def sliding_window_mask(q_len: int, k_len: int, window: int | None, device) -> t
     return allowed
 
 
+def packed_positions_and_mask(segments: torch.Tensor, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows holding several sequences back to back. segments (B, T) numbers the sequence each
+    token belongs to (each a contiguous run). Positions restart at 0 where a sequence starts, and a
+    token attends only to earlier tokens of its own sequence (and within the window): a packed
+    sequence is computed exactly as if it were alone. Returns positions (B, T) and mask (B, 1, T, T).
+    """
+    B, T = segments.shape
+    index = torch.arange(T, device=segments.device).expand(B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    positions = index - torch.where(starts, index, 0).cummax(dim=1).values
+    same_sequence = segments[:, :, None] == segments[:, None, :]
+    return positions, (same_sequence & sliding_window_mask(T, T, window, segments.device))[:, None]
+
+
 def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
     """Causal sliding-window attention, one block of W queries at a time.
 
@@ -231,21 +246,29 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache=None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for tokens (B, T) at positions start_pos .. start_pos + T - 1."""
-        return self.output(self.hidden_states(tokens, start_pos, cache))
+        return self.output(self.hidden_states(tokens, start_pos, cache, segments))
 
-    def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0, cache=None,
+                      segments: torch.Tensor | None = None) -> torch.Tensor:
         """The final normalised hidden states (B, T, dim): the LM head's input.
 
         Training computes its loss from these and `output.weight` without materialising the
         (B, T, vocab) logits (see moxin.losses.linear_cross_entropy). With a `cache` (the
         rolling-buffer KV cache of moxin/generate.py) the tokens continue the cached sequences:
         the cache supplies each row's positions and the attention mask, start_pos is unused.
+        With `segments` (B, T), each row holds several packed sequences, computed independently
+        (packed_positions_and_mask).
         """
         B, T = tokens.shape
         if cache is not None:
             positions, mask = cache.prepare(T)  # (B, T), (B, 1, T, keys)
+        elif segments is not None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"rows of {T} tokens exceed max_seq_len {self.config.max_seq_len}")
+            positions, mask = packed_positions_and_mask(segments, self.config.sliding_window)
         else:
             if start_pos + T > self.config.max_seq_len:
                 raise ValueError(

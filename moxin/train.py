@@ -17,9 +17,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from moxin.callbacks import ThroughputMonitor
+from moxin.chat import CHAT_TEMPLATE, chat_prompt
 from moxin.checkpoint_io import AtomicCheckpointIO
 from moxin.curate.task import prepare_data_task
 from moxin.data import DataConfig, PretrainDataModule
+from moxin.data.chat_data import ChatDataConfig, chat_datamodule
 from moxin.eval.callback import EvalCallback
 from moxin.eval.commands import eval_data_task, evaluate_task, suite_from_config
 from moxin.generate import generate
@@ -91,7 +93,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callbacks: list) -> L.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callbacks: list,
+                  max_epochs: int | None = None) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
     phase, hw = cfg.phase, cfg.hardware
@@ -112,7 +115,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callba
         callbacks.append(RichProgressBar(leave=True))
     return L.Trainer(
         accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes, strategy=hw.strategy,
-        precision=hw.precision, max_steps=phase.max_steps, accumulate_grad_batches=accumulate,
+        precision=hw.precision, max_steps=phase.max_steps, max_epochs=max_epochs, accumulate_grad_batches=accumulate,
         gradient_clip_val=phase.gradient_clip_val, val_check_interval=phase.val_every_steps * accumulate,
         check_val_every_n_epoch=None, limit_val_batches=phase.limit_val_batches, num_sanity_val_steps=0,
         log_every_n_steps=phase.log_every_steps, logger=build_loggers(cfg, run_dir) or False,
@@ -121,17 +124,38 @@ def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callba
     )
 
 
-def init_weights(module, init_from: str) -> None:
-    """Start from another run's weights (a checkpoint, a run folder or a Hugging Face folder)."""
+def start_weights(init_from: str) -> dict:
+    """The weights a phase starts from (a checkpoint, a run folder or a Hugging Face folder)."""
     from moxin.checkpoint import load_model
-    from moxin.hf import load_state_dict_checked
 
     if init_from == "previous":
         raise ValueError("phase.init_from=previous names the previous stage of a recipe; outside a recipe "
                          "(python run.py +recipe=NAME) give a checkpoint, a run folder or a Hugging Face folder")
-    source = load_model(init_from)
-    load_state_dict_checked(module.model, source.state_dict(), source=init_from)  # names a mismatched tensor
+    return load_model(init_from).state_dict()
+
+
+def init_weights(module, init_from: str, state: dict | None = None) -> None:
+    """Start from another run's weights (a checkpoint, a run folder or a Hugging Face folder)."""
+    from moxin.hf import load_state_dict_checked
+
+    state = start_weights(init_from) if state is None else state
+    load_state_dict_checked(module.model, dict(state), source=init_from)  # names a mismatched tensor
     print(f"Initialised the weights from {init_from}")
+
+
+def build_module(cfg: DictConfig, model_cfg: ModelConfig, data_cfg):
+    """The phase's LightningModule, after checking that the data is the kind it trains on."""
+    name = cfg.phase.module
+    if name not in MODULES:
+        raise ValueError(f"phase.module={name!r} is not one of {sorted(MODULES)}")
+    module_class = MODULES[name]
+    data_format = data_cfg.format if isinstance(data_cfg, ChatDataConfig) else "pretrain"
+    if data_format != module_class.data_format:
+        raise ValueError(f"phase.module={name} trains on {module_class.data_format} data, but the data option gives "
+                         f"{data_format} data; pick a matching data option (see conf/data/)")
+    options = {key: instantiate(cfg.phase[key]) for key in module_class.phase_options if key in cfg.phase}
+    return module_class(model_cfg, instantiate(cfg.phase.optimizer),
+                        nonfinite_loss=cfg.phase.get("nonfinite_loss", "stop"), **options)
 
 
 def eval_callbacks(cfg: DictConfig, tokenizer, run_dir: Path) -> list:
@@ -152,14 +176,13 @@ def train(cfg: DictConfig) -> dict:
     if data_cfg.warning:
         logging.getLogger(__name__).warning("data mix: %s", data_cfg.warning)
         print(f"WARNING (data mix): {data_cfg.warning}")
-    module = MODULES[cfg.phase.module](model_cfg, instantiate(cfg.phase.optimizer),
-                                       nonfinite_loss=cfg.phase.get("nonfinite_loss", "stop"))
-    if onednn_enabled():
-        use_onednn_linears(module.model)
-    datamodule = PretrainDataModule(data_cfg)
+    module = build_module(cfg, model_cfg, data_cfg)
+    chat = isinstance(data_cfg, ChatDataConfig)
+    datamodule = chat_datamodule(data_cfg) if chat else PretrainDataModule(data_cfg)
     callbacks = eval_callbacks(cfg, load_tokenizer(data_cfg.tokenizer), run_dir)
-    trainer = build_trainer(cfg, run_dir, model_cfg, callbacks=callbacks)
-    if data_cfg.num_samples is None:  # the mix is sized to the run: one epoch = max_steps
+    # Post-training runs one pass over its data (data.epochs passes of it) unless max_steps stops it sooner.
+    trainer = build_trainer(cfg, run_dir, model_cfg, callbacks=callbacks, max_epochs=1 if chat else None)
+    if not chat and data_cfg.num_samples is None:  # the mix is sized to the run: one epoch = max_steps
         data_cfg.num_samples = (cfg.phase.max_steps * cfg.phase.accumulate_grad_batches
                                 * data_cfg.micro_batch_size * trainer.world_size)
 
@@ -167,8 +190,18 @@ def train(cfg: DictConfig) -> dict:
         for leftover in folder.glob("**/*.ckpt.*.tmp"):
             leftover.unlink(missing_ok=True)
     checkpoint = find_resume_checkpoint(cfg.resume, cfg.paths.checkpoint_search_dir)
-    if checkpoint is None and cfg.phase.get("init_from"):
-        init_weights(module, cfg.phase.init_from)  # weights only: optimizer and schedule start fresh
+    init_from = cfg.phase.get("init_from")
+    if init_from:
+        state = start_weights(init_from)
+        if checkpoint is None:
+            init_weights(module, init_from, state)  # weights only: optimizer and schedule start fresh
+        if hasattr(module, "set_reference"):  # DPO: the starting weights are the reference, resumed or not
+            module.set_reference(state)
+    elif hasattr(module, "set_reference"):
+        raise ValueError(f"phase.module={cfg.phase.module} needs phase.init_from: the model it starts from, which "
+                         "is also its reference (e.g. the SFT run's folder)")
+    if onednn_enabled():
+        use_onednn_linears(module)  # the policy and, for DPO, its reference
     metrics: dict = {}
     if checkpoint is None and cfg.phase.validate_before_training:
         initial = trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -188,16 +221,33 @@ def train(cfg: DictConfig) -> dict:
     final_dir = run_dir / "final"
     if trainer.is_global_zero:  # one copy of the outputs, written by rank 0
         module.model.save_hf(str(final_dir))
-        datamodule.tokenizer.save_pretrained(str(final_dir))
-        metrics["sample"] = sample_text(module.model, datamodule.tokenizer, cfg.sample)
+        save_tokenizer(datamodule.tokenizer, final_dir, chat_template=CHAT_TEMPLATE if chat else None)
+        with open(run_dir / "data.json", "w") as f:
+            json.dump(datamodule.summary, f, indent=2, default=str)
+        metrics["sample"] = sample_text(module.model, datamodule.tokenizer, cfg.sample, chat=chat)
         with open(run_dir / "metrics.json", "w") as f:
             json.dump(metrics, f, indent=2)
         report(metrics, run_dir, final_dir)
     return metrics
 
 
-def sample_text(model, tokenizer, sample_cfg: DictConfig) -> str:
-    prompt = [tokenizer.bos_token_id] + tokenizer.encode(sample_cfg.prompt, add_special_tokens=False)
+def save_tokenizer(tokenizer, folder: Path, chat_template: str | None = None) -> None:
+    """The tokenizer beside the weights; a chat model's carries its chat template (the shared tokenizer
+    object is left as it is)."""
+    if chat_template is not None and not getattr(tokenizer, "chat_template", None):
+        import copy
+
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(str(folder))
+
+
+def sample_text(model, tokenizer, sample_cfg: DictConfig, chat: bool = False) -> str:
+    """A continuation of sample.prompt; for a chat model, its reply to sample.prompt as a user turn."""
+    if chat:
+        prompt = chat_prompt(tokenizer, [{"role": "user", "content": sample_cfg.prompt}])
+    else:
+        prompt = [tokenizer.bos_token_id] + tokenizer.encode(sample_cfg.prompt, add_special_tokens=False)
     out = generate(model, [prompt], max_new_tokens=sample_cfg.max_new_tokens,
                    temperature=sample_cfg.temperature, top_k=sample_cfg.top_k,
                    stop=[tokenizer.eos_token_id], seed=sample_cfg.seed)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from hydra.utils import instantiate
 
-from moxin.data import DataConfig
+from moxin.data import ChatDataConfig, DataConfig
 from moxin.model import ModelConfig
 from moxin.modules import MODULES, OptimConfig
 from moxin.train import model_config_for_context
@@ -42,9 +42,31 @@ def test_every_experiment_composes_and_instantiates(make_cfg, experiment):
     assert open(path).readline().strip() == "# @package _global_"
     cfg = make_cfg(f"+experiment={experiment}")
     model, data, optim = typed_objects(cfg)
-    assert isinstance(model, ModelConfig) and isinstance(data, DataConfig) and isinstance(optim, OptimConfig)
+    assert isinstance(model, ModelConfig) and isinstance(data, (DataConfig, ChatDataConfig))
+    assert isinstance(optim, OptimConfig)
     assert cfg.phase.module in MODULES
+    data_format = data.format if isinstance(data, ChatDataConfig) else "pretrain"
+    assert MODULES[cfg.phase.module].data_format == data_format  # the phase trains on the data it is given
     assert data.seq_len <= model.max_seq_len
+
+
+def test_post_training_experiments_have_the_papers_settings(make_cfg):
+    sft = make_cfg("+experiment=sft_tulu3")
+    _, data, optim = typed_objects(sft)
+    assert (optim.lr, optim.warmup_ratio, optim.schedule, optim.min_lr_ratio) == (5e-6, 0.03, "linear", 0.0)
+    assert (data.format, data.epochs, data.seq_len) == ("sft", 2, 4096)
+    assert [s.path for s in data.sources] == ["allenai/tulu-3-sft-mixture"]
+    dpo = make_cfg("+experiment=dpo_tulu3")
+    _, data, optim = typed_objects(dpo)
+    assert (optim.lr, optim.warmup_ratio, optim.schedule) == (5e-7, 0.1, "linear")
+    assert (data.format, data.epochs, data.seq_len) == ("preference", 1, 2048)
+    assert [s.path for s in data.sources] == ["allenai/llama-3.1-tulu-3-8b-preference-mixture"]
+    options = instantiate(dpo.phase.dpo)
+    assert (options.loss, options.beta) == ("dpo_norm", 5.0)
+    _, data, _ = typed_objects(make_cfg("+experiment=sft_infinity"))
+    assert data.sources[0].path == "BAAI/Infinity-Instruct" and data.sources[0].schema == "conversations"
+    _, data, _ = typed_objects(make_cfg("+experiment=dpo_infinity"))
+    assert data.sources[0].path == "BAAI/Infinity-Preference" and data.format == "preference"
 
 
 def test_experiment_is_not_in_the_defaults_list():
@@ -92,11 +114,17 @@ def test_multirun_sweep_gives_one_output_folder_per_run(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if not e.startswith("phase")])  # phases: the recipe test
-def test_every_experiment_runs_at_tiny_scale_with_one_override(make_cfg, experiment):
+def test_every_experiment_runs_at_tiny_scale_with_one_override(make_cfg, experiment, tmp_path):
     from moxin.train import run
 
+    start = []
+    if make_cfg(f"+experiment={experiment}").phase.get("init_from") == "previous":  # post-training: a tiny start
+        from moxin.model import Transformer
+
+        Transformer(instantiate(make_cfg("model=tiny").model)).save_hf(str(tmp_path / "start"))
+        start = [f"phase.init_from={tmp_path / 'start'}"]
     cfg = make_cfg(f"+experiment={experiment}", "+scale=tiny", "phase.max_steps=2", "phase.val_every_steps=2",
-                   "phase.validate_before_training=false")
+                   "phase.validate_before_training=false", *start)
     assert cfg.model.dim == 128 and cfg.hardware.accelerator == "cpu"
     metrics = run(cfg)
     assert metrics["train/steps"] == 2 and metrics["val/loss"] < 11

@@ -94,18 +94,69 @@ class ResumeSampler(Sampler[int]):
         return self.n
 
 
-class PretrainDataModule(L.LightningDataModule):
+class ResumableDataModule(L.LightningDataModule):
+    """Serves `train_dataset` in order through a ResumeSampler and saves how many samples were consumed,
+    so a resumed run continues where its checkpoint left off. Subclasses build the datasets in setup()."""
+
+    def __init__(self, micro_batch_size: int, num_workers: int = 0, collate_fn=None):
+        super().__init__()
+        self.micro_batch_size, self.num_workers, self.collate_fn = micro_batch_size, num_workers, collate_fn
+        self.tokenizer = None
+        self.train_dataset = None
+        self.val_dataset = None
+        self.summary: dict[str, Any] = {}
+        self.resume_samples = 0  # training samples consumed before the checkpoint we resume from
+
+    def world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def train_dataloader(self) -> DataLoader:
+        # The order is already seeded and drawn in the dataset; the sampler only makes a resumed run
+        # continue where its checkpoint left off instead of replaying samples.
+        dataset = self.train_dataset
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
+        per_step = self.micro_batch_size * self.world_size()
+        per_epoch = len(dataset) // per_step * per_step
+        start = self.resume_samples % per_epoch if per_epoch else 0
+        return self._loader(dataset, drop_last=True, sampler=ResumeSampler(len(dataset), start))
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in Lightning checkpoints: how many training samples all ranks have consumed."""
+        trainer = self.trainer
+        if trainer is None:
+            return {"consumed_samples": self.resume_samples}
+        batches = trainer.global_step * trainer.accumulate_grad_batches
+        return {"consumed_samples": batches * self.micro_batch_size * trainer.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_samples = int(state.get("consumed_samples", 0))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, drop_last=False)
+
+    def _loader(self, dataset, drop_last: bool, sampler: Sampler | None = None) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
+        return DataLoader(
+            dataset,
+            batch_size=self.micro_batch_size,
+            sampler=sampler,
+            shuffle=False,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn,
+        )
+
+
+class PretrainDataModule(ResumableDataModule):
     """Packed, weighted-mixed pretraining data. After `setup()`: `tokenizer`, `train_dataset`,
     `val_dataset` and `summary` (a JSON-able dict: per-source reading/packing counts and the mix)."""
 
     def __init__(self, config: DataConfig):
-        super().__init__()
+        super().__init__(config.micro_batch_size, config.num_workers)
         self.config = config
-        self.tokenizer = None
-        self.train_dataset: MixedSequenceDataset | None = None
-        self.val_dataset = None
-        self.summary: dict[str, Any] = {}
-        self.resume_samples = 0  # training samples consumed before the checkpoint we resume from
 
     def prepare_data(self) -> None:
         """Lightning runs this on one process per node before `setup` runs on every rank: with a
@@ -143,45 +194,6 @@ class PretrainDataModule(L.LightningDataModule):
             "train_tokens": len(self.train_dataset) * cfg.seq_len,
             "val_sequences": len(self.val_dataset),
         }
-
-    def train_dataloader(self) -> DataLoader:
-        # The mixed order is already seeded and drawn in the dataset; the sampler only makes a
-        # resumed run continue where its checkpoint left off instead of replaying samples.
-        dataset = self.train_dataset
-        if dataset is None:
-            raise RuntimeError("PretrainDataModule.setup() must run before asking for a dataloader")
-        world = self.trainer.world_size if self.trainer is not None else 1
-        per_epoch = len(dataset) // (self.config.micro_batch_size * world) * self.config.micro_batch_size * world
-        start = self.resume_samples % per_epoch if per_epoch else 0
-        return self._loader(dataset, drop_last=True, sampler=ResumeSampler(len(dataset), start))
-
-    def state_dict(self) -> dict[str, int]:
-        """Saved in Lightning checkpoints: how many training samples all ranks have consumed."""
-        trainer = self.trainer
-        if trainer is None:
-            return {"consumed_samples": self.resume_samples}
-        batches = trainer.global_step * trainer.accumulate_grad_batches
-        return {"consumed_samples": batches * self.config.micro_batch_size * trainer.world_size}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.resume_samples = int(state.get("consumed_samples", 0))
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, drop_last=False)
-
-    def _loader(self, dataset, drop_last: bool, sampler: Sampler | None = None) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("PretrainDataModule.setup() must run before asking for a dataloader")
-        workers = self.config.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.config.micro_batch_size,
-            sampler=sampler,
-            shuffle=False,
-            drop_last=drop_last,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-        )
 
     # --- curated shards ---
 

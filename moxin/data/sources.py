@@ -188,7 +188,7 @@ def _read_text(source: SourceConfig, stats: SourceStats) -> Iterator[Any]:
             stats.skip("not_utf8")
 
 
-def _read_jsonl(source: SourceConfig, stats: SourceStats) -> Iterator[Any]:
+def _jsonl_records(source: SourceConfig, stats: SourceStats) -> Iterator[dict]:
     for path in list_files(source):
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rb") as f:
@@ -209,30 +209,20 @@ def _read_jsonl(source: SourceConfig, stats: SourceStats) -> Iterator[Any]:
                     stats.skip("bad_json")
                     continue
                 if isinstance(record, dict):
-                    yield _text_of(record, source, stats)
+                    yield record
                 else:
                     stats.skip("not_an_object")
 
 
-def _read_parquet(source: SourceConfig, stats: SourceStats) -> Iterator[Any]:
+def _parquet_records(source: SourceConfig, stats: SourceStats) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
     for path in list_files(source):
-        pf = pq.ParquetFile(path)
-        if source.template is not None:
-            for batch in pf.iter_batches(batch_size=1024):
-                yield from (_text_of(record, source, stats) for record in batch.to_pylist())
-            continue
-        if source.text_field not in pf.schema_arrow.names:
-            # A whole file without the column is a wrong text_field, not a malformed record.
-            raise ValueError(
-                f"source {source.name!r}: {path} has no column {source.text_field!r} (columns: {pf.schema_arrow.names})"
-            )
-        for batch in pf.iter_batches(columns=[source.text_field], batch_size=1024):
-            yield from batch.column(0).to_pylist()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
 
 
-def _read_hf(source: SourceConfig, stats: SourceStats) -> Iterator[Any]:
+def _hf_records(source: SourceConfig, stats: SourceStats) -> Iterator[dict]:
     import datasets
 
     for f in source.data_files or []:
@@ -248,9 +238,45 @@ def _read_hf(source: SourceConfig, stats: SourceStats) -> Iterator[Any]:
     )
     for record in ds:
         if isinstance(record, dict):
-            yield _text_of(record, source, stats)
+            yield record
         else:
             stats.skip("not_an_object")
+
+
+_RECORD_READERS = {"jsonl": _jsonl_records, "parquet": _parquet_records, "hf": _hf_records}
+
+
+def iter_records(source: SourceConfig, stats: SourceStats) -> Iterator[dict]:
+    """The whole records (dicts) of a jsonl, parquet or hf source; unreadable ones counted in `stats`."""
+    if source.kind not in _RECORD_READERS:
+        raise ValueError(f"source {source.name!r}: kind {source.kind!r} has no records; use one of "
+                         f"{sorted(_RECORD_READERS)}")
+    return _RECORD_READERS[source.kind](source, stats)
+
+
+def _read_jsonl(source: SourceConfig, stats: SourceStats) -> Iterator[Any]:
+    return (_text_of(record, source, stats) for record in _jsonl_records(source, stats))
+
+
+def _read_parquet(source: SourceConfig, stats: SourceStats) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    if source.template is not None:
+        yield from (_text_of(record, source, stats) for record in _parquet_records(source, stats))
+        return
+    for path in list_files(source):
+        pf = pq.ParquetFile(path)
+        if source.text_field not in pf.schema_arrow.names:
+            # A whole file without the column is a wrong text_field, not a malformed record.
+            raise ValueError(
+                f"source {source.name!r}: {path} has no column {source.text_field!r} (columns: {pf.schema_arrow.names})"
+            )
+        for batch in pf.iter_batches(columns=[source.text_field], batch_size=1024):  # only the text column
+            yield from batch.column(0).to_pylist()
+
+
+def _read_hf(source: SourceConfig, stats: SourceStats) -> Iterator[Any]:
+    return (_text_of(record, source, stats) for record in _hf_records(source, stats))
 
 
 def _read_kjv(source: SourceConfig, stats: SourceStats) -> Iterator[Any]:

@@ -1,8 +1,10 @@
 """LightningModules, one per training phase, all holding the same `Transformer`."""
 
 from moxin.modules.base import MoxinModule, OptimConfig
+from moxin.modules.dpo import DPOConfig, DPOModule
 from moxin.modules.pretrain import PretrainModule
+from moxin.modules.sft import SFTModule
 
-MODULES = {"pretrain": PretrainModule}
+MODULES = {"pretrain": PretrainModule, "sft": SFTModule, "dpo": DPOModule}
 
-__all__ = ["MODULES", "MoxinModule", "OptimConfig", "PretrainModule"]
+__all__ = ["MODULES", "DPOConfig", "DPOModule", "MoxinModule", "OptimConfig", "PretrainModule", "SFTModule"]

@@ -23,6 +23,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     warmup_steps: int = 2000
+    warmup_ratio: float | None = None  # when set, warm up over this share of the run's steps instead
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
     schedule: str = "cosine"
     fused: bool | None = None  # None: fused AdamW when the parameters are on a GPU
@@ -35,6 +36,8 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"OptimConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_ratio is not None and not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"OptimConfig.warmup_ratio must be in [0, 1) or None, got {self.warmup_ratio}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"OptimConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
@@ -81,6 +84,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 class MoxinModule(L.LightningModule):
+    data_format = "pretrain"  # the kind of data module this phase trains on (moxin.train picks it)
+    phase_options: tuple[str, ...] = ()  # keys of the phase config given to __init__ (e.g. "dpo")
+
     def __init__(self, model_config: ModelConfig, optim: OptimConfig, nonfinite_loss: str = "stop"):
         super().__init__()
         if nonfinite_loss not in NONFINITE_POLICIES:
@@ -109,8 +115,9 @@ class MoxinModule(L.LightningModule):
             betas=self.optim.betas, eps=self.optim.eps, fused=fused,
         )
         total, o = self.total_steps(), self.optim
+        warmup = o.warmup_steps if o.warmup_ratio is None else round(o.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_multiplier(step, o.warmup_steps, total, o.schedule, o.min_lr_ratio)
+            optimizer, lambda step: lr_multiplier(step, warmup, total, o.schedule, o.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
