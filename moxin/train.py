@@ -205,7 +205,7 @@ def train(cfg: DictConfig) -> dict:
     metrics: dict = {}
     if checkpoint is None and cfg.phase.validate_before_training:
         initial = trainer.validate(module, datamodule=datamodule, verbose=False)
-        metrics["val/loss_initial"] = float(initial[0]["val/loss"])
+        metrics.update({f"{name}_initial": float(value) for name, value in initial[0].items()})
     elif checkpoint is not None:
         print(f"Resuming from {checkpoint}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)

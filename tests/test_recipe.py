@@ -8,6 +8,7 @@ from hydra.utils import instantiate
 from moxin.train import run
 
 PHASES = ("phase1_2k", "phase2_4k", "phase3_enhanced")
+STAGES = (*PHASES, "sft", "dpo")  # the tiny recipe: pretraining phases, then post-training
 
 
 def test_phase_experiments_compose_at_full_scale(make_cfg):
@@ -54,13 +55,13 @@ def test_capability_templates_turn_items_into_text(make_cfg):
 def test_tiny_recipe_runs_the_phases_in_order_and_skips_finished_stages(make_cfg, tmp_path, capsys):
     quick = "recipe.overrides=['+scale=tiny','phase.max_steps=4','phase.val_every_steps=4']"
     first = run(make_cfg("+recipe=moxin_tiny", quick))
-    assert list(first) == list(PHASES)
+    assert list(first) == list(STAGES)
     root = tmp_path / "recipes" / "moxin_tiny"
-    for i, phase in enumerate(PHASES):
+    for i, phase in enumerate(STAGES):
         saved = json.loads((root / phase / "metrics.json").read_text())
         assert saved["train/steps"] == 4
         config = (root / phase / "config.yaml").read_text()
-        assert (f"init_from: {root / PHASES[i - 1]}" in config) == (i > 0)  # hand-off from the stage before
+        assert (f"init_from: {root / STAGES[i - 1]}" in config) == (i > 0)  # hand-off from the stage before
     assert "EXPERIMENTAL" in capsys.readouterr().out  # phase 3's mix says so in the run's log
 
     (root / "phase3_enhanced" / "metrics.json").unlink()  # as if phase 3 had been killed
@@ -74,3 +75,19 @@ def test_tiny_recipe_runs_the_phases_in_order_and_skips_finished_stages(make_cfg
     run(make_cfg("+recipe=moxin_tiny", quick.replace("max_steps=4", "max_steps=5")))
     assert "phase1_2k: finished earlier, skipped" in (out := capsys.readouterr().out)
     assert "its configuration has changed since (phase)" in out
+
+
+@pytest.mark.slow
+def test_tiny_sft_then_dpo_improve_their_metrics(make_cfg, tmp_path):
+    """SFT on instructions made by code lowers the held-out loss on replies; DPO from that model on
+    pairs (chosen = correct answer, rejected = wrong) makes the policy prefer the correct answers of
+    held-out pairs."""
+    sft = run(make_cfg("+experiment=sft_tulu3", "+scale=tiny", "phase.init_from=null", run_name="sft"))
+    assert sft["val/loss"] < 0.3 * sft["val/loss_initial"]
+    assert json.loads((tmp_path / "sft" / "data.json").read_text())["sources"]["instructions"]["kept"] == 2000
+    dpo = run(make_cfg("+experiment=dpo_tulu3", "+scale=tiny", f"phase.init_from={tmp_path / 'sft'}",
+                       run_name="dpo"))
+    assert dpo["val/loss_initial"] == pytest.approx(0.6931, abs=1e-3)  # the policy starts as its reference
+    assert dpo["val/loss"] < 0.6
+    assert dpo["val/reward_accuracy"] > 0.7
+    assert dpo["val/preference_accuracy"] > max(0.75, dpo["val/preference_accuracy_initial"] + 0.04)

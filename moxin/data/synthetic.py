@@ -33,7 +33,7 @@ def _repeat(rng: random.Random) -> tuple[str, str, str]:
 
 
 def _add(rng: random.Random) -> tuple[str, str, str]:
-    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    a, b = rng.randint(1, 9), rng.randint(1, 9)  # facts a tiny model can learn
     wrong = a + b + rng.choice([-2, -1, 1, 2])
     return f"What is {a} + {b}?", f"{a} + {b} = {a + b}", f"{a} + {b} = {wrong}"
 
@@ -45,12 +45,12 @@ def _first_letter(rng: random.Random) -> tuple[str, str, str]:
             f"The first letter of '{word}' is {other}.")
 
 
-def _last_word(rng: random.Random) -> tuple[str, str, str]:
-    words = rng.sample(WORDS, 4)
-    return f"Which word comes last in this list: {', '.join(words)}?", words[-1], rng.choice(words[:-1])
+def _echo(rng: random.Random) -> tuple[str, str, str]:
+    word, other = rng.sample(WORDS, 2)
+    return f"Say the word '{word}'.", word, other
 
 
-TASKS: tuple[Task, ...] = (_capitals, _repeat, _add, _first_letter, _last_word)
+TASKS: tuple[Task, ...] = (_capitals, _repeat, _add, _first_letter, _echo)
 
 
 def _prompt_messages(rng: random.Random, prompt: str) -> list[dict[str, str]]:

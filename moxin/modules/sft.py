@@ -23,8 +23,11 @@ class SFTModule(MoxinModule):
         if not segments.any():  # one whole conversation per row: plain causal attention, no mask to build
             segments = None
         hidden = self.model.hidden_states(batch["input_ids"], segments=segments)
-        total = linear_cross_entropy(hidden, self.model.output.weight, batch["labels"], reduction="sum")
-        return total, (batch["labels"] != IGNORE_INDEX).sum()
+        # The LM head only where a reply is trained: prompts and padding never reach it.
+        trained = batch["labels"] != IGNORE_INDEX
+        total = linear_cross_entropy(hidden[trained], self.model.output.weight, batch["labels"][trained],
+                                     reduction="sum")
+        return total, trained.sum()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         total, trained = self.loss_sum(batch)
