@@ -10,6 +10,8 @@ marks exactly the tokens that SFT and DPO train on.
 
 from __future__ import annotations
 
+import re
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -24,6 +26,7 @@ CHAT_TEMPLATE = (
 )
 
 ROLES = ("system", "user", "assistant")
+GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
 def chat_template_of(tokenizer) -> str:
@@ -43,7 +46,7 @@ def render_conversation(tokenizer, messages: list[dict[str, str]]) -> tuple[list
     """Token ids of a whole conversation and, per token, 1 where it belongs to an assistant reply
     (the reply's text and its end-of-text token), else 0: the tokens a chat model is trained on."""
     template = chat_template_of(tokenizer)
-    if "{% generation %}" not in template:
+    if not GENERATION_MARKER.search(template):
         raise ValueError("the tokenizer's chat template has no {% generation %} markers around assistant replies, "
                          "so the trained tokens cannot be told apart; remove its chat_template to use Moxin's")
     out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,

@@ -157,6 +157,11 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window
     return torch.cat(out, dim=2)
 
 
+def repeat_kv_for_masks(q: torch.Tensor) -> bool:
+    """Whether masked grouped-query attention should repeat key/value heads: on CUDA (see Attention)."""
+    return q.is_cuda
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -179,13 +184,19 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
         if cache is not None:  # keys/values of earlier positions (moxin/generate.py): (B, K, S, D)
             k, v = cache.update(self.layer_idx, k, v)
+        grouped = self.n_kv_heads != self.n_heads
+        if mask is not None and cache is None and grouped and repeat_kv_for_masks(q):
+            # Packed training rows: keys/values repeated per query head, so that a memory-efficient
+            # kernel takes the mask (with enable_gqa only CUDA's math kernel would, storing T x T scores).
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
+            grouped = False
         if mask is None and self.sliding_window is not None and T > self.sliding_window:
             out = windowed_attention(q, k, v, self.sliding_window)
         else:
             # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head.
-            # No mask: plain causal (the window covers the whole sequence); else the cache's mask.
+            # No mask: plain causal (the window covers the whole sequence); else the cache's or packing's mask.
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=grouped
             )  # (B, H, T, D)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 

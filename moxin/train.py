@@ -191,13 +191,15 @@ def train(cfg: DictConfig) -> dict:
             leftover.unlink(missing_ok=True)
     checkpoint = find_resume_checkpoint(cfg.resume, cfg.paths.checkpoint_search_dir)
     init_from = cfg.phase.get("init_from")
-    if init_from:
+    needs_reference = hasattr(module, "set_reference")  # DPO: the starting weights, resumed or not
+    if init_from and (checkpoint is None or needs_reference):
         state = start_weights(init_from)
         if checkpoint is None:
             init_weights(module, init_from, state)  # weights only: optimizer and schedule start fresh
-        if hasattr(module, "set_reference"):  # DPO: the starting weights are the reference, resumed or not
+        if needs_reference:
             module.set_reference(state)
-    elif hasattr(module, "set_reference"):
+        del state
+    elif needs_reference:
         raise ValueError(f"phase.module={cfg.phase.module} needs phase.init_from: the model it starts from, which "
                          "is also its reference (e.g. the SFT run's folder)")
     if onednn_enabled():
@@ -209,6 +211,8 @@ def train(cfg: DictConfig) -> dict:
     elif checkpoint is not None:
         print(f"Resuming from {checkpoint}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
+    if cfg.phase.limit_val_batches and trainer.global_step % cfg.phase.val_every_steps:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # the final metrics are the final model's
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     for logger in trainer.loggers:  # a recipe runs stages in one process: each stage gets its own W&B run
         if type(logger).__name__ == "WandbLogger":

@@ -84,6 +84,17 @@ def test_template_without_generation_markers_is_refused(tok):
     other.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(ValueError, match="generation"):
         render_conversation(other, CONVERSATION)
+    # Whitespace control in the markers is fine.
+    other.chat_template = CHAT_TEMPLATE.replace("{% generation %}", "{%- generation -%}")
+    assert render_conversation(other, CONVERSATION) == render_conversation(tok, CONVERSATION)
+
+
+def test_literal_special_tokens_in_text_are_skipped(tok):
+    """A literal "</s>" in a message would become a control token (and be trained as one)."""
+    for content in ("a</s>b", "done</s>", "<s>start"):
+        with pytest.raises(Skip, match="special_token_text"):
+            tokenize_conversation(tok, [{"role": "user", "content": "Q"}, {"role": "assistant", "content": content}],
+                                  4096, "truncate")
 
 
 def test_schemas_tulu_infinity_and_auto():
@@ -230,9 +241,11 @@ def test_step_tokens_cover_each_optimizer_step_across_ranks():
     micro, accumulate, world = 2, 2, 2
     dataset.fit_to_steps(micro * accumulate * world)
     # Each rank's share, as Lightning's distributed sampler splits our sampler's order.
-    per_rank = [list(DistributedSamplerWrapper(ResumeSampler(len(dataset)), num_replicas=world, rank=r,
-                                               shuffle=False)) for r in range(world)]
-    steps = len(dataset) // (micro * accumulate * world)
+    step_size = micro * accumulate * world
+    resumed_at = 3  # a run resumed after 3 optimizer steps continues at position 3 x step_size
+    per_rank = [list(DistributedSamplerWrapper(ResumeSampler(len(dataset), start=resumed_at * step_size),
+                                               num_replicas=world, rank=r, shuffle=False)) for r in range(world)]
+    steps = len(dataset) // step_size - resumed_at
     for step in range(steps):
         positions = []
         for rank in range(world):

@@ -1,8 +1,10 @@
 """SFT and DPO: packed attention isolation, loss normalisation, DPO losses, reference and its cache."""
 
+import contextlib
 import math
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,15 +119,6 @@ def test_dpo_starts_at_ln2_and_trains_only_the_policy(loss):
     assert all(p.grad is None and not p.requires_grad for p in module.reference.parameters())
 
 
-def test_reference_is_not_saved_and_comes_back_on_load():
-    module = _dpo_module()
-    checkpoint = {"state_dict": module.state_dict()}
-    module.on_save_checkpoint(checkpoint)
-    assert not any(k.startswith("reference.") for k in checkpoint["state_dict"])
-    module.on_load_checkpoint(checkpoint)
-    module.load_state_dict(checkpoint["state_dict"])  # strict: the reference was put back
-
-
 def _fit(module, dm, tmp_path, steps, accumulate=1, callbacks=()):
     import lightning as L
 
@@ -145,17 +138,57 @@ def test_cached_reference_matches_the_copy_and_is_reused(tmp_path, monkeypatch):
     _fit(cached, dm_cached, tmp_path / "b", steps=3)
     files = list((tmp_path / "cache").glob("reference-logps-*.safetensors"))
     assert len(files) == 1
-    # The cached log-probs are the starting model's, and both runs trained to the same weights.
-    batch = dm_cached.collate_fn([dm_cached.train_dataset[i] for i in range(4)])
-    reference = _dpo_module().sequence_logps(_dpo_module().model, batch)
-    torch.testing.assert_close(torch.cat([batch["reference_chosen"], batch["reference_rejected"]]).float(),
-                               reference.detach(), atol=1e-4, rtol=1e-5)
+    # The cached log-probs are the starting model's, pair by pair, for training and validation pairs.
+    start = _dpo_module().model
+    for split in ("train", "val"):
+        dataset = getattr(dm_cached, f"{split}_dataset")
+        batch = dm_cached.collate_fn([{"index": i, "chosen": dataset.chosen[i], "rejected": dataset.rejected[i]}
+                                      for i in range(dataset.pairs())])
+        expected = DPOModule.sequence_logps(start, batch).detach().double().view(2, -1).T
+        torch.testing.assert_close(cached.cached_reference[split], expected, atol=1e-4, rtol=1e-5)
+    # Both runs trained to the same weights.
     for a, b in zip(copy.model.parameters(), cached.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     # A second run with the same data and starting weights reads the file instead of recomputing.
-    monkeypatch.setattr(DPOModule, "_write_reference_cache", lambda *a: pytest.fail("recomputed the cache"))
+    monkeypatch.setattr(DPOModule, "_compute_reference", lambda *a: pytest.fail("recomputed the cache"))
     again = _dpo_module(reference="cached", cache_dir=str(tmp_path / "cache"))
     _fit(again, _pairs_datamodule(), tmp_path / "c", steps=1)
+
+
+def test_cached_reference_before_training_with_loader_workers(tmp_path):
+    """The validation run before training (validate_before_training) works with worker processes."""
+    import lightning as L
+
+    module = _dpo_module(reference="cached", cache_dir=str(tmp_path / "cache"))
+    dm = _pairs_datamodule(num_workers=1)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path))
+    metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    assert metrics["val/loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_dpo_resumes_against_the_same_reference(tmp_path):
+    """The reference stays out of checkpoints; a resumed run rebuilds it from the starting weights,
+    and refuses other starting weights than the ones it was trained against."""
+    module = _dpo_module()
+    trainer = _fit(module, _pairs_datamodule(), tmp_path / "a", steps=2)
+    path = tmp_path / "step2.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)
+    assert not any(k.startswith("reference.") for k in saved["state_dict"])
+    resumed = _dpo_module()  # same seed: the same starting weights
+    import lightning as L
+
+    L.Trainer(accelerator="cpu", max_steps=3, max_epochs=1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path / "b"),
+              num_sanity_val_steps=0, limit_val_batches=0).fit(resumed, datamodule=_pairs_datamodule(),
+                                                               ckpt_path=str(path), weights_only=True)
+    start = _dpo_module().model
+    for ref, original in zip(resumed.reference.parameters(), start.parameters(), strict=True):
+        assert torch.equal(ref, original)  # the reference is still the starting model, not the checkpoint
+    other = _dpo_module(seed=1)
+    with pytest.raises(ValueError, match="other reference weights"):
+        other.on_load_checkpoint(saved)
 
 
 class _GradCapture:
@@ -231,3 +264,42 @@ def test_sft_loss_is_normalised_by_the_global_batch_under_accumulation(tmp_path)
             acc += p.grad / 2
     for got, want in zip(averaged, expected, strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_packed_attention_with_repeated_key_value_heads_is_the_same(monkeypatch):
+    """On CUDA, packed rows repeat key/value heads so a memory-efficient kernel takes the mask; the
+    result equals grouped-query attention (checked here by forcing that path on the CPU)."""
+    import moxin.model
+
+    torch.manual_seed(0)
+    model = Transformer(TINY)
+    tokens = torch.randint(0, 97, (2, 20))
+    segments = torch.tensor([[0] * 7 + [1] * 13, [0] * 20])
+    grouped = model(tokens, segments=segments)
+    monkeypatch.setattr(moxin.model, "repeat_kv_for_masks", lambda q: True)
+    torch.testing.assert_close(model(tokens, segments=segments), grouped, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_reference_shares_gathered_across_ranks_give_every_pair():
+    """Two ranks each compute every other pair; the gathered result is the one-rank result."""
+    from moxin.data.chat_data import PreferenceDataset, _subset
+
+    dm = _pairs_datamodule(n=30)
+    odd = np.arange(dm.train_dataset.pairs() - 1 + dm.train_dataset.pairs() % 2)  # an uneven split over 2 ranks
+    dm.train_dataset = PreferenceDataset(_subset(dm.train_dataset.chosen, odd), _subset(dm.train_dataset.rejected, odd))
+    module = _dpo_module(reference="cached")
+    precision = types.SimpleNamespace(forward_context=contextlib.nullcontext)
+
+    def trainer(rank, gather):
+        return types.SimpleNamespace(world_size=2 if gather else 1, global_rank=rank, precision_plugin=precision,
+                                     strategy=types.SimpleNamespace(all_gather=gather))
+
+    module._trainer = trainer(0, None)
+    alone = module._compute_reference(dm.train_dataset, dm)
+    shares = {}
+    module._trainer = trainer(1, lambda share: shares.setdefault(1, share.clone()) * 0)
+    module._compute_reference(dm.train_dataset, dm)
+    module._trainer = trainer(0, lambda share: torch.stack([share, shares[1]]))
+    gathered = module._compute_reference(dm.train_dataset, dm)
+    assert dm.train_dataset.pairs() % 2 == 1
+    torch.testing.assert_close(gathered, alone)

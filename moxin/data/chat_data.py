@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from moxin.chat import chat_template_of
 from moxin.data.conversations import (
     OVERFLOW_POLICIES,
     SCHEMAS,
@@ -88,8 +89,15 @@ class ChatSourceConfig:
         yield from iter_records(reader, stats)
 
     def fingerprint(self) -> dict:
+        """What besides the config decides the records: the files, or the generating code."""
         if self.kind in ("jsonl", "parquet"):
             return source_fingerprint(SourceConfig(name=self.name, kind=self.kind, path=self.path))
+        if self.kind == "synthetic":
+            import inspect
+
+            from moxin.data import synthetic
+
+            return {"generator": hashlib.sha256(inspect.getsource(synthetic).encode()).hexdigest()[:16]}
         return {}
 
 
@@ -189,7 +197,8 @@ def read_chat_source(source: ChatSourceConfig, config: ChatDataConfig, tokenizer
             except Skip as skip:
                 stats.skip(skip.reason)
             else:
-                split = "val" if is_validation(json.dumps(conversations[0]), config.val_fraction) else "train"
+                # Split by prompt, so that pairs (or answers) sharing a prompt never straddle train and validation.
+                split = "val" if is_validation(json.dumps(conversations[0][:-1]), config.val_fraction) else "train"
                 for side, (example, _) in zip(sides, results, strict=True):
                     kept[split][side].append(example)
                 stats.kept += 1
@@ -311,22 +320,18 @@ class PackedChatDataset(StepAlignedDataset):
 
 
 class PreferenceDataset(StepAlignedDataset):
-    """(chosen, rejected) pairs; with reference log-probs attached, each item carries them too."""
+    """(chosen, rejected) pairs; each item also carries its pair index (for cached reference log-probs)."""
 
     def __init__(self, chosen: ExampleArrays, rejected: ExampleArrays, order: np.ndarray | None = None):
         super().__init__(np.arange(len(chosen)) if order is None else order)
         self.chosen, self.rejected = chosen, rejected
-        self.reference: tuple[np.ndarray, np.ndarray] | None = None  # summed log-probs per pair
 
     def pairs(self) -> int:
         return len(self.chosen)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         pair = int(self.order[position])
-        item = {"index": pair, "chosen": self.chosen[pair], "rejected": self.rejected[pair]}
-        if self.reference is not None:
-            item["reference"] = (float(self.reference[0][pair]), float(self.reference[1][pair]))
-        return item
+        return {"index": pair, "chosen": self.chosen[pair], "rejected": self.rejected[pair]}
 
 
 def collate_pairs(items: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -338,11 +343,7 @@ def collate_pairs(items: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]
     for row, (ids, lab) in enumerate(sequences):
         input_ids[row, :len(ids)] = torch.from_numpy(ids.astype(np.int64))
         labels[row, :len(lab)] = torch.from_numpy(lab.astype(np.int64))
-    batch = {"input_ids": input_ids, "labels": labels, "index": torch.tensor([item["index"] for item in items])}
-    if "reference" in items[0]:
-        batch["reference_chosen"] = torch.tensor([item["reference"][0] for item in items], dtype=torch.float64)
-        batch["reference_rejected"] = torch.tensor([item["reference"][1] for item in items], dtype=torch.float64)
-    return batch
+    return {"input_ids": input_ids, "labels": labels, "index": torch.tensor([item["index"] for item in items])}
 
 
 # --- the data modules ---
@@ -380,7 +381,8 @@ class ChatDataModule(ResumableDataModule):
             if split == "train" and len(first) == 0:
                 raise ValueError(f"the chat sources gave no training examples; read and skipped: {self.source_stats}")
             if split == "val" and cfg.val_max_sequences is not None and len(first) > cfg.val_max_sequences:
-                self.arrays[split] = {side: _take(a, cfg.val_max_sequences) for side, a in self.arrays[split].items()}
+                keep = np.sort(np.random.default_rng(cfg.seed).choice(len(first), cfg.val_max_sequences, replace=False))
+                self.arrays[split] = {side: _subset(a, keep) for side, a in self.arrays[split].items()}
         for name, stats in self.source_stats.items():
             if stats["skipped"] or stats["truncated"]:
                 print(f"[data] {name}: kept {stats['kept']} of {stats['records']} records, truncated "
@@ -400,7 +402,8 @@ class ChatDataModule(ResumableDataModule):
 
     def _cache_key(self, source: ChatSourceConfig) -> str:
         key = {"format": CACHE_FORMAT, "source": asdict(source), "fingerprint": source.fingerprint(),
-               "tokenizer": self.config.tokenizer, "seq_len": self.config.seq_len,
+               "tokenizer": self.config.tokenizer, "chat_template": chat_template_of(self.tokenizer),
+               "seq_len": self.config.seq_len,
                "overflow": self.config.overflow, "val_fraction": self.config.val_fraction,
                "data_format": self.config.format}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -483,9 +486,8 @@ def _concat(parts: list[ExampleArrays]) -> ExampleArrays:
                          np.concatenate(offsets))
 
 
-def _take(arrays: ExampleArrays, n: int) -> ExampleArrays:
-    end = arrays.offsets[n]
-    return ExampleArrays(arrays.input_ids[:end], arrays.labels[:end], arrays.offsets[:n + 1])
+def _subset(arrays: ExampleArrays, keep: np.ndarray) -> ExampleArrays:
+    return ExampleArrays.from_examples([TokenizedExample(*arrays[int(i)]) for i in keep])
 
 
 def _write_chat_cache(folder: str, arrays: dict, stats: dict) -> None:

@@ -25,7 +25,7 @@ SCHEMAS = ("auto", "messages", "conversations")
 OVERFLOW_POLICIES = ("truncate", "drop")
 SKIP_REASONS = ("bad_json", "not_an_object", "truncated_file", "missing_field", "not_a_list", "bad_message",
                 "unknown_role", "empty_content", "no_assistant_turn", "prompt_mismatch", "identical_pair",
-                "too_long")
+                "special_token_text", "too_long")
 # Role names of the schemas we read -> the chat template's roles.
 ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
@@ -148,6 +148,10 @@ def tokenize_conversation(tokenizer, messages, max_tokens: int, overflow: str,
     is cut to its first max_tokens tokens (overflow=truncate) or skipped (drop); either way, one with
     no trained token left is skipped."""
     ids, mask = render_conversation(tokenizer, messages)
+    replies = sum(m["role"] == "assistant" for m in messages)
+    if ids.count(tokenizer.eos_token_id) != replies or (
+            tokenizer.bos_token_id is not None and ids.count(tokenizer.bos_token_id) != 1):
+        raise Skip("special_token_text")  # e.g. a literal "</s>" in a message: it would become a control token
     if last_reply_only:
         mask = _last_reply_only(mask)
     truncated = len(ids) > max_tokens

@@ -10,10 +10,10 @@ replies go through the policy in one concatenated forward pass.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 from moxin.losses import DPO_LOSSES, IGNORE_INDEX, dpo_loss, preference_metrics, sequence_logps_from_hidden
@@ -64,6 +64,7 @@ class DPOModule(MoxinModule):
         self.reference: Transformer | None = None  # reference=copy
         self._start_state: dict[str, torch.Tensor] | None = None  # reference=cached: to compute the cache
         self._reference_id: str | None = None
+        self.cached_reference: dict[str, torch.Tensor] | None = None  # reference=cached: split -> (pairs, 2)
 
     def set_reference(self, state_dict: dict[str, torch.Tensor]) -> None:
         """The starting weights, which are the reference policy. Called before training, fresh or resumed."""
@@ -75,13 +76,19 @@ class DPOModule(MoxinModule):
         else:
             self._start_state = {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
-    # The reference is not part of the checkpoint: it is rebuilt from the starting weights.
+    # The reference is not part of the checkpoint: it is rebuilt from the starting weights, which
+    # must be the same ones (their fingerprint is saved and compared).
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("reference.")}
+        checkpoint["dpo_reference_id"] = self._reference_id
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("dpo_reference_id")
+        if saved is not None and saved != self._reference_id:
+            raise ValueError("this DPO checkpoint was trained against other reference weights than phase.init_from "
+                             "gives now; resume with the run's original init_from")
         if self.reference is not None:
             checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
 
@@ -93,18 +100,20 @@ class DPOModule(MoxinModule):
         hidden = model.hidden_states(batch["input_ids"])
         return sequence_logps_from_hidden(hidden, model.output.weight, batch["labels"])
 
-    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if "reference_chosen" in batch:
-            return torch.cat([batch["reference_chosen"], batch["reference_rejected"]]).float()
+    def reference_logps(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        if self.cached_reference is not None:  # (pairs, 2): chosen, rejected
+            rows = self.cached_reference[split].to(batch["index"].device)[batch["index"]]
+            return torch.cat([rows[:, 0], rows[:, 1]])
         if self.reference is None:
             raise RuntimeError("DPO has no reference: call set_reference(starting weights) before training")
         with torch.no_grad():
             return self.sequence_logps(self.reference, batch)
 
-    def preference_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def preference_step(self, batch: dict[str, torch.Tensor], split: str = "train"
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pairs = batch["input_ids"].shape[0] // 2
         policy = self.sequence_logps(self.model, batch)
-        reference = self.reference_logps(batch).to(policy.dtype)
+        reference = self.reference_logps(batch, split).to(policy.dtype)
         counts = (batch["labels"] != IGNORE_INDEX).sum(dim=-1)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], loss=self.dpo.loss,
@@ -128,7 +137,7 @@ class DPOModule(MoxinModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, metrics = self.preference_step(batch)
+        loss, metrics = self.preference_step(batch, "val")
         pairs = batch["input_ids"].shape[0] // 2
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=pairs)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True, batch_size=pairs)
@@ -136,54 +145,57 @@ class DPOModule(MoxinModule):
     # --- reference: cached ---
 
     def on_fit_start(self) -> None:
-        self._attach_reference_cache()
+        self._load_or_compute_cached_reference()
 
-    def on_validation_start(self) -> None:
-        self._attach_reference_cache()
+    def on_validation_start(self) -> None:  # also before training (trainer.validate)
+        self._load_or_compute_cached_reference()
 
-    def _attach_reference_cache(self) -> None:
-        """reference=cached: load (or first compute, on rank 0) the reference log-probs of every pair,
-        keyed by the data and the starting weights, and attach them to the datasets."""
-        datamodule = self.trainer.datamodule
-        if self.dpo.reference != "cached" or datamodule.train_dataset.reference is not None:
+    def _load_or_compute_cached_reference(self) -> None:
+        """reference=cached: the starting model's summed log-prob of every reply, train and validation
+        pairs, computed once on this device (each rank a share, then gathered) and kept on disk, keyed by
+        the data, the starting weights, the model's shape settings and the precision."""
+        if self.dpo.reference != "cached" or self.cached_reference is not None:
             return
         if self._start_state is None:
             raise RuntimeError("DPO has no reference: call set_reference(starting weights) before training")
-        folder = self.dpo.cache_dir or self.trainer.default_root_dir
-        path = os.path.join(folder, f"reference-logps-{datamodule.fingerprint()}-{self._reference_id}.safetensors")
-        if not os.path.exists(path) and self.trainer.is_global_zero:
-            self._write_reference_cache(path, datamodule)
-        self.trainer.strategy.barrier()
-        from safetensors.numpy import load_file
+        from safetensors.torch import load_file, save_file
 
-        cached = load_file(path)
-        for split in ("train", "val"):
-            dataset = datamodule.train_dataset if split == "train" else datamodule.val_dataset
-            dataset.reference = (cached[f"{split}.chosen"], cached[f"{split}.rejected"])
+        datamodule, trainer = self.trainer.datamodule, self.trainer
+        key = hashlib.sha256(json.dumps([datamodule.fingerprint(), self._reference_id, self.model_config.to_dict(),
+                                         str(trainer.precision)], sort_keys=True).encode()).hexdigest()[:16]
+        path = os.path.join(self.dpo.cache_dir or trainer.default_root_dir, f"reference-logps-{key}.safetensors")
+        if os.path.exists(path):
+            cached = load_file(path)
+        else:
+            cached = {split: self._compute_reference(getattr(datamodule, f"{split}_dataset"), datamodule)
+                      for split in ("train", "val")}
+            if trainer.is_global_zero:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                tmp = f"{path}.tmp{os.getpid()}"
+                save_file(cached, tmp)
+                os.replace(tmp, path)
+                print(f"Reference log-probs of {sum(len(v) for v in cached.values())} pairs cached in {path}")
+        self.cached_reference = {split: values.double().cpu() for split, values in cached.items()}
+        self._start_state = None  # no longer needed: free the host copy
 
     @torch.no_grad()
-    def _write_reference_cache(self, path: str, datamodule) -> None:
-        from safetensors.numpy import save_file
-
+    def _compute_reference(self, dataset, datamodule) -> torch.Tensor:
+        """(pairs, 2) summed log-probs of chosen and rejected replies under the starting weights. Rank r
+        computes pairs r, r + world, ...; all_gather puts every rank's share together."""
+        world, rank = self.trainer.world_size, self.trainer.global_rank
         reference = Transformer(self.model_config).to(self.device)
         reference.load_state_dict(self._start_state)
-        reference.eval()
-        arrays = {}
-        for split in ("train", "val"):
-            dataset = datamodule.train_dataset if split == "train" else datamodule.val_dataset
-            chosen, rejected = np.zeros(dataset.pairs()), np.zeros(dataset.pairs())
-            size = datamodule.micro_batch_size
-            for start in range(0, dataset.pairs(), size):
-                items = [{"index": i, "chosen": dataset.chosen[i], "rejected": dataset.rejected[i]}
-                         for i in range(start, min(start + size, dataset.pairs()))]
-                batch = {k: v.to(self.device) for k, v in datamodule.collate_fn(items).items()}
-                with self.trainer.precision_plugin.forward_context():
-                    logps = self.sequence_logps(reference, batch).double().cpu().numpy()
-                chosen[start:start + len(items)], rejected[start:start + len(items)] = np.split(logps, 2)
-            arrays[f"{split}.chosen"], arrays[f"{split}.rejected"] = chosen, rejected
+        mine = list(range(rank, dataset.pairs(), world))
+        share = torch.zeros(-(-dataset.pairs() // world), 2, dtype=torch.float64, device=self.device)
+        size = datamodule.micro_batch_size
+        for start in range(0, len(mine), size):
+            items = [{"index": i, "chosen": dataset.chosen[i], "rejected": dataset.rejected[i]}
+                     for i in mine[start:start + size]]
+            batch = {k: v.to(self.device) for k, v in datamodule.collate_fn(items).items()}
+            with self.trainer.precision_plugin.forward_context():
+                logps = self.sequence_logps(reference, batch).double()
+            share[start:start + len(items)] = logps.view(2, -1).T
         del reference
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        save_file(arrays, tmp)
-        os.replace(tmp, path)
-        print(f"Reference log-probs of {sum(len(a) for a in arrays.values())} replies cached in {path}")
+        gathered = self.trainer.strategy.all_gather(share) if world > 1 else share[None]  # (world, per_rank, 2)
+        # Pair i sits on rank i % world at row i // world.
+        return gathered.transpose(0, 1).reshape(-1, 2)[:dataset.pairs()].cpu()
