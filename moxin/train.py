@@ -211,14 +211,16 @@ def train(cfg: DictConfig) -> dict:
     elif checkpoint is not None:
         print(f"Resuming from {checkpoint}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
+    final = dict(trainer.callback_metrics)
     if cfg.phase.limit_val_batches and trainer.global_step % cfg.phase.val_every_steps:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the final metrics are the final model's
+        final.update(trainer.callback_metrics)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     for logger in trainer.loggers:  # a recipe runs stages in one process: each stage gets its own W&B run
         if type(logger).__name__ == "WandbLogger":
             logger.experiment.finish()  # before the run's report, which then stays the last thing printed
 
-    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    metrics.update({k: float(v) for k, v in final.items() if v.numel() == 1})
     metrics["train/steps"] = float(trainer.global_step)
     metrics["train/tokens"] = module.tokens_seen  # exact; the logged value is a float32
     metrics["run_dir"] = str(run_dir)
