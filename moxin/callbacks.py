@@ -31,6 +31,8 @@ class ThroughputMonitor(L.Callback):
     on_train_start = on_validation_end = on_save_checkpoint = restart_clock
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if "input_ids" not in batch:
+            return  # a batch of problems (GRPO): the module logs its own rollout and update times
         now = time.perf_counter()
         tokens = batch["input_ids"].numel() * trainer.world_size
         if self._last is not None:

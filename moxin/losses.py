@@ -158,3 +158,75 @@ def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     return {"reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
             "reward_margin": (chosen_rewards - rejected_rewards).mean(),
             "chosen_reward": chosen_rewards.mean(), "rejected_reward": rejected_rewards.mean()}
+
+
+# --- the GRPO family ---
+
+AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
+
+
+def token_logps_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log p(label) and entropy (B, T) of the LM head over hidden (B, T, dim), computed only
+    where labels are not IGNORE_INDEX (zeros elsewhere): a rollout's responses, not its prompts."""
+    valid = labels != IGNORE_INDEX
+    logits = kernels.linear(hidden[valid], weight.to(hidden.dtype)).float()
+    logp_all = torch.log_softmax(logits, dim=-1)
+    picked = logp_all.gather(-1, labels[valid].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    logps = torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(valid, picked)
+    entropies = torch.zeros(labels.shape, dtype=entropy.dtype, device=entropy.device)
+    return logps, entropies.masked_scatter(valid, entropy.detach())
+
+
+def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO's advantages for rewards (prompts, group): (r - group mean) / (group std + eps); with
+    scale=False only the mean is removed (Dr. GRPO). A group whose rewards are all equal gets zeros."""
+    centred = rewards - rewards.mean(dim=-1, keepdim=True)
+    return centred / (rewards.std(dim=-1, keepdim=True, unbiased=False) + eps) if scale else centred
+
+
+def kl_k3(logps: torch.Tensor, reference_logps: torch.Tensor, clamp: float = 10.0) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate k3 = exp(d) - d - 1 with d = log pi_ref - log pi (Schulman's
+    low-variance, always >= 0 estimator), clamped to [-clamp, clamp] as verl's low_var_kl."""
+    delta = reference_logps - logps
+    return (delta.exp() - delta - 1).clamp(-clamp, clamp)
+
+
+def grpo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                     *, clip_low: float = 0.2, clip_high: float | None = None, aggregation: str = "grpo",
+                     kl: torch.Tensor | None = None, kl_beta: float = 0.0, max_tokens: int | None = None
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped policy objective over response tokens (B, T), as a loss to minimise.
+
+    Per token: -min(ratio A, clip(ratio, 1 - clip_low, 1 + clip_high) A) + kl_beta KL, ratio = pi / pi_old,
+    A the sequence's advantage (B,). Aggregation over the masked tokens:
+      - grpo:    mean over each sequence's tokens, then over sequences;
+      - dapo:    mean over all tokens of the batch (long responses weigh more);
+      - dr_grpo: sum over all tokens / (sequences x max_tokens), a constant normaliser (Dr. GRPO).
+    Returns the loss and the clipped fraction, mean ratio and mean KL over tokens.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if aggregation == "dr_grpo" and max_tokens is None:
+        raise ValueError("dr_grpo needs max_tokens (the generation budget) as its normaliser")
+    clip_high = clip_low if clip_high is None else clip_high
+    mask = mask.to(logps.dtype)
+    ratio = torch.exp(logps - old_logps)
+    advantage = advantages[:, None]
+    unclipped, clipped = ratio * advantage, ratio.clamp(1 - clip_low, 1 + clip_high) * advantage
+    per_token = -torch.minimum(unclipped, clipped)
+    if kl is not None and kl_beta:
+        per_token = per_token + kl_beta * kl
+    tokens = mask.sum().clamp(min=1)
+    if aggregation == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif aggregation == "dapo":
+        loss = (per_token * mask).sum() / tokens
+    else:
+        loss = (per_token * mask).sum() / (mask.shape[0] * max_tokens)
+    stats = {"clip_fraction": ((clipped < unclipped).to(mask.dtype) * mask).sum() / tokens,
+             "ratio": (ratio.detach() * mask).sum() / tokens}
+    if kl is not None:
+        stats["kl"] = (kl.detach() * mask).sum() / tokens
+    return loss, stats

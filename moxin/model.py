@@ -125,33 +125,37 @@ def sliding_window_mask(q_len: int, k_len: int, window: int | None, device) -> t
     return allowed
 
 
-def packed_positions_and_mask(segments: torch.Tensor, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """For rows holding several sequences back to back. segments (B, T) numbers the sequence each
-    token belongs to (each a contiguous run). Positions restart at 0 where a sequence starts, and a
-    token attends only to earlier tokens of its own sequence (and within the window): a packed
-    sequence is computed exactly as if it were alone. Returns positions (B, T) and mask (B, 1, T, T).
-    """
+def packed_positions(segments: torch.Tensor) -> torch.Tensor:
+    """For rows holding several sequences back to back: segments (B, T) numbers the sequence each
+    token belongs to (each a contiguous run). Positions (B, T) restart at 0 where a sequence starts,
+    so a packed sequence gets the rotary positions it would get alone."""
     B, T = segments.shape
     index = torch.arange(T, device=segments.device).expand(B, T)
     starts = torch.ones_like(segments, dtype=torch.bool)
     starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    positions = index - torch.where(starts, index, 0).cummax(dim=1).values
-    same_sequence = segments[:, :, None] == segments[:, None, :]
-    return positions, (same_sequence & sliding_window_mask(T, T, window, segments.device))[:, None]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
 
 
-def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+def same_sequence(query_segments: torch.Tensor, key_segments: torch.Tensor) -> torch.Tensor:
+    """(B, 1, Tq, Tk): True where query and key belong to the same packed sequence."""
+    return (query_segments[:, :, None] == key_segments[:, None, :])[:, None]
+
+
+def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                       segments: torch.Tensor | None = None) -> torch.Tensor:
     """Causal sliding-window attention, one block of W queries at a time.
 
     q (B, H, T, D), k/v (B, K, T, D). Each block of W queries attends to at most 2W - 1 keys, so
     work and memory grow with T x W rather than T^2 (a 32K sequence with W = 4096 never forms a
-    32K x 32K score matrix).
+    32K x 32K score matrix). With segments (B, T), attention also stays inside each packed sequence.
     """
     out = []
     for start in range(0, q.shape[2], window):
         end = min(start + window, q.shape[2])
         k_start = max(0, start - window + 1)
         mask = sliding_window_mask(end - start, end - k_start, window, q.device)
+        if segments is not None:
+            mask = mask & same_sequence(segments[:, start:end], segments[:, k_start:end])
         out.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, k_start:end], v[:, :, k_start:end],
                                                   attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]))
     return torch.cat(out, dim=2)
@@ -174,7 +178,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache=None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache=None, segments: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim)
@@ -185,13 +189,13 @@ class Attention(nn.Module):
         if cache is not None:  # keys/values of earlier positions (moxin/generate.py): (B, K, S, D)
             k, v = cache.update(self.layer_idx, k, v)
         grouped = self.n_kv_heads != self.n_heads
-        if mask is not None and cache is None and grouped and repeat_kv_for_masks(q):
+        if segments is not None and grouped and repeat_kv_for_masks(q):
             # Packed training rows: keys/values repeated per query head, so that a memory-efficient
             # kernel takes the mask (with enable_gqa only CUDA's math kernel would, storing T x T scores).
             k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
             grouped = False
         if mask is None and self.sliding_window is not None and T > self.sliding_window:
-            out = windowed_attention(q, k, v, self.sliding_window)
+            out = windowed_attention(q, k, v, self.sliding_window, segments)
         else:
             # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head.
             # No mask: plain causal (the window covers the whole sequence); else the cache's or packing's mask.
@@ -222,8 +226,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, segments=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, segments)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -271,7 +275,7 @@ class Transformer(nn.Module):
         rolling-buffer KV cache of moxin/generate.py) the tokens continue the cached sequences:
         the cache supplies each row's positions and the attention mask, start_pos is unused.
         With `segments` (B, T), each row holds several packed sequences, computed independently
-        (packed_positions_and_mask).
+        (packed_positions, same_sequence).
         """
         B, T = tokens.shape
         if cache is not None:
@@ -279,7 +283,10 @@ class Transformer(nn.Module):
         elif segments is not None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"rows of {T} tokens exceed max_seq_len {self.config.max_seq_len}")
-            positions, mask = packed_positions_and_mask(segments, self.config.sliding_window)
+            positions, window = packed_positions(segments), self.config.sliding_window
+            # Rows within the window: one (T x T) mask. Longer rows: attention builds it per block of W.
+            mask = None if window is not None and T > window else (
+                same_sequence(segments, segments) & sliding_window_mask(T, T, window, segments.device))
         else:
             if start_pos + T > self.config.max_seq_len:
                 raise ValueError(
@@ -290,7 +297,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache)
+            h = layer(h, cos, sin, mask, cache, segments)
         if cache is not None:
             cache.advance(T)
         return self.norm(h)

@@ -4,7 +4,8 @@
 recipe's, which therefore win: `+scale=tiny` after `+experiment=...`) and runs it in
 <output_root>/recipes/<recipe>/<stage>/. A stage with metrics.json is finished and skipped; a
 stage with checkpoints but no metrics.json was interrupted and resumes from its newest
-checkpoint; `init_from: previous` becomes the previous stage's folder.
+checkpoint; `init_from: previous` becomes the previous stage's folder (for the first stage:
+`recipe.init_from`, when a recipe starts from an existing model).
 """
 
 from __future__ import annotations
@@ -67,10 +68,11 @@ def run_recipe(cfg: DictConfig, run_stage) -> dict[str, Any]:
         with context:
             stage_cfg = compose("config", overrides=overrides)
         if stage_cfg.phase.get("init_from") == "previous":
-            if previous is None:
+            start = str(previous) if previous is not None else recipe.get("init_from")
+            if not start:
                 raise ValueError(f"recipe {recipe.name}: stage {stage.name} starts from `previous`, but it is "
-                                 "the first stage")
-            stage_cfg.phase.init_from = str(previous)
+                                 "the first stage; give its start with recipe.init_from=...")
+            stage_cfg.phase.init_from = start
         finished = folder / "metrics.json"
         if finished.exists():
             changed = _changed_groups(folder / "config.yaml", stage_cfg)

@@ -24,14 +24,17 @@ TINY = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, h
                    sliding_window=6, max_seq_len=64)
 
 
-def test_packed_sequences_compute_as_if_alone():
+@pytest.mark.parametrize("window", [6, 64])  # rows longer than the window (attention per block) and shorter
+def test_packed_sequences_compute_as_if_alone(window):
+    import dataclasses
+
     torch.manual_seed(0)
-    model = Transformer(TINY)
+    model = Transformer(dataclasses.replace(TINY, sliding_window=window))
     a, b, c = torch.randint(0, 97, (1, 9)), torch.randint(0, 97, (1, 13)), torch.randint(0, 97, (1, 4))
     row = torch.cat([a, b, c], dim=1)
     segments = torch.tensor([[0] * 9 + [1] * 13 + [2] * 4])
     packed = model(row, segments=segments)
-    # Each sequence (b is longer than the window of 6) gives the logits it gives alone.
+    # Each sequence (b is longer than a window of 6) gives the logits it gives alone.
     torch.testing.assert_close(packed[:, :9], model(a), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed[:, 9:22], model(b), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed[:, 22:], model(c), atol=1e-5, rtol=1e-5)

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from moxin.chat import chat_template_of
+from moxin.chat import chat_prompt, chat_template_of
 from moxin.data.conversations import (
     OVERFLOW_POLICIES,
+    REASONING_INSTRUCTION,
     SCHEMAS,
     ConversationStats,
     Skip,
@@ -46,7 +47,7 @@ from moxin.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("sft", "preference")
+FORMATS = ("sft", "preference", "prompts")
 CHAT_KINDS = ("jsonl", "parquet", "hf", "synthetic")
 CACHE_FORMAT = 1
 
@@ -66,6 +67,8 @@ class ChatSourceConfig:
     max_examples: int | None = None  # records read at most
     num_examples: int = 1000  # synthetic: how many records to make
     seed: int = 0  # synthetic
+    problem_field: str = "problem"  # prompts (GRPO): the question and its reference answer
+    answer_field: str = "answer"
 
     def __post_init__(self) -> None:
         where = f"chat source {self.name!r}"
@@ -104,7 +107,9 @@ class ChatSourceConfig:
 @dataclass
 class ChatDataConfig:
     sources: list[ChatSourceConfig]
-    format: str = "sft"  # sft: packed conversations; preference: (chosen, rejected) pairs for DPO
+    format: str = "sft"  # sft: packed conversations; preference: (chosen, rejected) pairs for DPO;
+    # prompts: problems with reference answers for GRPO (the problem + `instruction` as the user's turn)
+    instruction: str | None = REASONING_INSTRUCTION
     tokenizer: str = "mistral_v1"
     seq_len: int = 4096  # tokens of a conversation (SFT: also of a packed row)
     micro_batch_size: int = 1  # rows (SFT) or pairs (preference) per device and micro-batch
@@ -213,6 +218,39 @@ def read_chat_source(source: ChatSourceConfig, config: ChatDataConfig, tokenizer
     arrays = {split: {side: ExampleArrays.from_examples(ex) for side, ex in by_side.items()}
               for split, by_side in kept.items()}
     return arrays, stats.as_dict()
+
+
+def read_prompt_source(source: ChatSourceConfig, config: ChatDataConfig, tokenizer) -> tuple[dict, dict]:
+    """Problems with reference answers as {split: (prompt ids as ExampleArrays, answers)}, with counts.
+    A prompt is the chat template's user turn (problem, then the instruction) and the assistant opener."""
+    stats, reader_stats = ConversationStats(), SourceStats()
+    kept: dict[str, tuple[list, list]] = {"train": ([], []), "val": ([], [])}
+    for record in source.records(reader_stats):
+        stats.records += 1
+        problem, answer = record.get(source.problem_field), record.get(source.answer_field)
+        if problem is None or answer is None:
+            stats.skip("missing_field")
+            continue
+        if not isinstance(problem, str) or not str(answer).strip() or not problem.strip():
+            stats.skip("empty_content")
+            continue
+        content = f"{problem} {config.instruction}" if config.instruction else problem
+        ids = chat_prompt(tokenizer, [{"role": "user", "content": content}])
+        if len(ids) >= config.seq_len:
+            stats.skip("too_long")  # a problem cannot be cut; seq_len must also leave room for the answer
+            continue
+        split = "val" if is_validation(problem, config.val_fraction) else "train"
+        kept[split][0].append(TokenizedExample(np.asarray(ids, dtype=np.int32), np.zeros(len(ids), dtype=np.int32)))
+        kept[split][1].append(str(answer))
+        stats.kept += 1
+        stats.tokens += len(ids)
+        if source.max_examples is not None and stats.records >= source.max_examples:
+            break
+    for reason, count in reader_stats.skipped.items():
+        if count:
+            stats.skipped[reason] = stats.skipped.get(reason, 0) + count
+    return {split: (ExampleArrays.from_examples(ex), answers) for split, (ex, answers) in kept.items()}, \
+        stats.as_dict()
 
 
 # --- SFT: packing ---
@@ -332,6 +370,23 @@ class PreferenceDataset(StepAlignedDataset):
     def __getitem__(self, position: int) -> dict[str, Any]:
         pair = int(self.order[position])
         return {"index": pair, "chosen": self.chosen[pair], "rejected": self.rejected[pair]}
+
+
+class PromptDataset(StepAlignedDataset):
+    """Problems for GRPO: the prompt's token ids and the reference answer."""
+
+    def __init__(self, prompts: ExampleArrays, answers: list[str], order: np.ndarray | None = None):
+        super().__init__(np.arange(len(prompts)) if order is None else order)
+        self.prompts, self.answers = prompts, answers
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        i = int(self.order[position])
+        return {"index": i, "prompt_ids": self.prompts[i][0].tolist(), "answer": self.answers[i]}
+
+
+def collate_prompts(items: list[dict]) -> dict[str, Any]:
+    return {"index": torch.tensor([item["index"] for item in items]),
+            "prompt_ids": [item["prompt_ids"] for item in items], "answers": [item["answer"] for item in items]}
 
 
 def collate_pairs(items: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -470,6 +525,42 @@ class PreferenceDataModule(ChatDataModule):
         return digest.hexdigest()[:16]
 
 
+class PromptDataModule(ChatDataModule):
+    """GRPO's problems. Read without a cache (prompts are short); an optimizer step's batch is
+    micro_batch_size prompts per device, each sampled group_size times by the module."""
+
+    def __init__(self, config: ChatDataConfig):
+        super().__init__(config, collate_fn=collate_prompts)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        cfg = self.config
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        splits: dict[str, tuple[list, list]] = {"train": ([], []), "val": ([], [])}
+        for source in cfg.sources:
+            arrays, self.source_stats[source.name] = read_prompt_source(source, cfg, self.tokenizer)
+            for split, (prompts, answers) in arrays.items():
+                splits[split][0].append(prompts)
+                splits[split][1].extend(answers)
+        (train, train_answers), (val, val_answers) = ((_concat(p), a) for p, a in splits.values())
+        if len(train) == 0:
+            raise ValueError(f"the prompt sources gave no training problems; read and skipped: {self.source_stats}")
+        if cfg.val_max_sequences is not None and len(val) > cfg.val_max_sequences:
+            keep = np.sort(np.random.default_rng(cfg.seed).choice(len(val), cfg.val_max_sequences, replace=False))
+            val, val_answers = _subset(val, keep), [val_answers[i] for i in keep]
+        self.train_dataset = PromptDataset(train, train_answers, epoch_order(len(train), cfg.epochs, cfg.seed))
+        self.val_dataset = PromptDataset(val, val_answers)
+        self.summary = {"format": "prompts", "tokenizer": cfg.tokenizer, "sources": self.source_stats,
+                        "train_problems": len(train), "val_problems": len(val), "epochs": cfg.epochs}
+
+    def train_dataloader(self):
+        if self.trainer is not None and self.trainer.accumulate_grad_batches != 1:
+            raise ValueError("GRPO makes its own optimizer steps (phase.grpo.mini_batches); keep "
+                             "phase.accumulate_grad_batches at 1")
+        return super().train_dataloader()
+
+
 def _fill(packed: PackedChat) -> float:
     """Share of row positions that hold conversation tokens rather than padding."""
     return round(1.0 - packed.padding / packed.input_ids.size, 4) if packed.input_ids.size else 0.0
@@ -511,12 +602,12 @@ def _read_chat_cache(folder: str) -> tuple[dict, dict]:
     return arrays, {**stats, "cached": True}
 
 
-DATA_FORMAT_MODULES = {"sft": SFTDataModule, "preference": PreferenceDataModule}
+DATA_FORMAT_MODULES = {"sft": SFTDataModule, "preference": PreferenceDataModule, "prompts": PromptDataModule}
 
 
 def chat_datamodule(config: ChatDataConfig) -> ChatDataModule:
     return DATA_FORMAT_MODULES[config.format](config)
 
 
-__all__ = ["ChatDataConfig", "ChatSourceConfig", "PackedChat", "PreferenceDataModule", "SFTDataModule",
-           "chat_datamodule", "collate_pairs", "pack_conversations"]
+__all__ = ["ChatDataConfig", "ChatSourceConfig", "PackedChat", "PreferenceDataModule", "PromptDataModule",
+           "SFTDataModule", "chat_datamodule", "collate_pairs", "pack_conversations"]

@@ -14,6 +14,7 @@ conversation without an assistant reply is never trained on with a guessed mask.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,11 +22,14 @@ import numpy as np
 from moxin.chat import render_conversation
 from moxin.losses import IGNORE_INDEX
 
-SCHEMAS = ("auto", "messages", "conversations")
+SCHEMAS = ("auto", "messages", "conversations", "openthoughts", "openr1")
+# The instruction DeepScaleR appends to each problem; reasoning SFT data, GRPO prompts and the tiny
+# generated problems all use it, so the model sees one prompt format throughout.
+REASONING_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 OVERFLOW_POLICIES = ("truncate", "drop")
 SKIP_REASONS = ("bad_json", "not_an_object", "truncated_file", "missing_field", "not_a_list", "bad_message",
                 "unknown_role", "empty_content", "no_assistant_turn", "prompt_mismatch", "identical_pair",
-                "special_token_text", "too_long")
+                "special_token_text", "no_verified_answer", "too_long")
 # Role names of the schemas we read -> the chat template's roles.
 ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
@@ -77,8 +81,45 @@ def normalize_messages(raw) -> list[dict[str, str]]:
     return messages
 
 
+def openthoughts_reply(text: str) -> str:
+    """OpenThoughts' <|begin_of_thought|> ... <|end_of_solution|> reply as <think>...</think> then the solution."""
+    thought = re.search(r"<\|begin_of_thought\|>(.*?)<\|end_of_thought\|>", text, flags=re.DOTALL)
+    solution = re.search(r"<\|begin_of_solution\|>(.*?)(<\|end_of_solution\|>|$)", text, flags=re.DOTALL)
+    if not thought or not solution:
+        return text
+    return f"<think>\n{thought.group(1).strip()}\n</think>\n\n{solution.group(1).strip()}"
+
+
+def _openthoughts(record: dict) -> list[dict[str, str]]:
+    """OpenThoughts-114k: `conversations` (from/value). Its system prompt describes the markers this
+    adapter replaces, so it is left out."""
+    messages = normalize_messages(record.get("conversations"))
+    return [{**m, "content": openthoughts_reply(m["content"])} if m["role"] == "assistant" else m
+            for m in messages if m["role"] != "system"]
+
+
+def _openr1(record: dict) -> list[dict[str, str]]:
+    """OpenR1-Math-220k: the first of `generations` that math-verify marked correct (a DeepSeek-R1
+    response with <think>...</think> and a \\boxed{} answer), after the `problem`; else `messages`."""
+    generations, verified = record.get("generations"), record.get("correctness_math_verify")
+    if isinstance(generations, list) and isinstance(verified, list) and isinstance(record.get("problem"), str):
+        correct = [g for g, ok in zip(generations, verified, strict=False) if ok and isinstance(g, str)]
+        if not correct:
+            raise Skip("no_verified_answer")
+        return normalize_messages([{"role": "user", "content": record["problem"]},
+                                   {"role": "assistant", "content": correct[0]}])
+    if record.get("messages") is None:
+        raise Skip("missing_field")
+    return normalize_messages(record["messages"])
+
+
 def conversation_of(record: dict, schema: str = "auto") -> list[dict[str, str]]:
     """The messages of an SFT record."""
+    if schema in ("openthoughts", "openr1"):
+        messages = _openthoughts(record) if schema == "openthoughts" else _openr1(record)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise Skip("no_assistant_turn")
+        return messages
     if schema == "auto":
         schema = next((name for name in ("messages", "conversations") if name in record), "messages")
     if record.get(schema) is None:

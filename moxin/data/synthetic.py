@@ -80,4 +80,24 @@ def preference_records(num_examples: int, seed: int = 0) -> Iterator[dict]:
                "rejected": [*messages, {"role": "assistant", "content": wrong}]}
 
 
-GENERATORS = {"instructions": instruction_records, "preferences": preference_records}
+def arithmetic_problems(num_examples: int, seed: int = 0, max_operand: int = 9) -> Iterator[dict]:
+    """Sums with exact answers, in the DeepScaleR dataset's schema: {"problem", "answer"}."""
+    rng = random.Random(seed)
+    for _ in range(num_examples):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        yield {"problem": f"What is {a} + {b}?", "answer": str(a + b), "operands": [a, b]}
+
+
+def reasoning_records(num_examples: int, seed: int = 0) -> Iterator[dict]:
+    """Worked sums in the reasoning format: thinking inside <think>...</think>, then the answer boxed."""
+    from moxin.data.conversations import REASONING_INSTRUCTION
+
+    for item in arithmetic_problems(num_examples, seed):
+        a, b = item["operands"]
+        reply = f"<think>\n{a} + {b} = {a + b}\n</think>\n\nThe answer is \\boxed{{{a + b}}}."
+        yield {"messages": [{"role": "user", "content": f"{item['problem']} {REASONING_INSTRUCTION}"},
+                            {"role": "assistant", "content": reply}]}
+
+
+GENERATORS = {"instructions": instruction_records, "preferences": preference_records,
+              "reasoning": reasoning_records, "arithmetic": arithmetic_problems}

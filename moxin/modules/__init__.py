@@ -2,9 +2,11 @@
 
 from moxin.modules.base import MoxinModule, OptimConfig
 from moxin.modules.dpo import DPOConfig, DPOModule
+from moxin.modules.grpo import GRPOConfig, GRPOModule
 from moxin.modules.pretrain import PretrainModule
 from moxin.modules.sft import SFTModule
 
-MODULES = {"pretrain": PretrainModule, "sft": SFTModule, "dpo": DPOModule}
+MODULES = {"pretrain": PretrainModule, "sft": SFTModule, "dpo": DPOModule, "grpo": GRPOModule}
 
-__all__ = ["MODULES", "DPOConfig", "DPOModule", "MoxinModule", "OptimConfig", "PretrainModule", "SFTModule"]
+__all__ = ["MODULES", "DPOConfig", "DPOModule", "GRPOConfig", "GRPOModule", "MoxinModule", "OptimConfig",
+           "PretrainModule", "SFTModule"]

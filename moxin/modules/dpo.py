@@ -19,6 +19,7 @@ import torch
 from moxin.losses import DPO_LOSSES, IGNORE_INDEX, dpo_loss, preference_metrics, sequence_logps_from_hidden
 from moxin.model import Transformer
 from moxin.modules.base import MoxinModule
+from moxin.modules.reference import ReferencePolicy
 
 REFERENCE_MODES = ("copy", "cached")
 
@@ -42,18 +43,7 @@ class DPOConfig:
             raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 
-def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
-    """A cheap hash of a state dict: names, shapes and a strided sample of every tensor's values."""
-    digest = hashlib.blake2b(digest_size=8)
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach().reshape(-1)
-        sample = tensor[:: max(1, tensor.numel() // 4096)].float().cpu().numpy()
-        digest.update(f"{name}{tuple(state_dict[name].shape)}".encode())
-        digest.update(sample.tobytes())
-    return digest.hexdigest()
-
-
-class DPOModule(MoxinModule):
+class DPOModule(ReferencePolicy, MoxinModule):
     data_format = "preference"
     phase_options = ("dpo",)
 
@@ -66,31 +56,13 @@ class DPOModule(MoxinModule):
         self._reference_id: str | None = None
         self.cached_reference: dict[str, torch.Tensor] | None = None  # reference=cached: split -> (pairs, 2)
 
+    def keeps_reference_copy(self) -> bool:
+        return self.dpo.reference == "copy"
+
     def set_reference(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """The starting weights, which are the reference policy. Called before training, fresh or resumed."""
-        self._reference_id = weights_fingerprint(state_dict)
-        if self.dpo.reference == "copy":
-            self.reference = Transformer(self.model_config)
-            self.reference.load_state_dict(state_dict)
-            self.reference.requires_grad_(False)  # no dropout in the model: train mode computes the same
-        else:
+        super().set_reference(state_dict)
+        if self.dpo.reference == "cached":  # kept on the host until the log-probs are computed
             self._start_state = {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
-
-    # The reference is not part of the checkpoint: it is rebuilt from the starting weights, which
-    # must be the same ones (their fingerprint is saved and compared).
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("reference.")}
-        checkpoint["dpo_reference_id"] = self._reference_id
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        saved = checkpoint.get("dpo_reference_id")
-        if saved is not None and saved != self._reference_id:
-            raise ValueError("this DPO checkpoint was trained against other reference weights than phase.init_from "
-                             "gives now; resume with the run's original init_from")
-        if self.reference is not None:
-            checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
 
     # --- log-probabilities ---
 

@@ -14,21 +14,10 @@ ANSWER_LINE = "Final Answer: The final answer is ${answer}$. I hope it is correc
 
 
 def boxed_answer(solution: str) -> str | None:
-    """Contents of the last \\boxed{...} (or \\fbox{...}) in a solution, braces balanced."""
-    start = max(solution.rfind("\\boxed"), solution.rfind("\\fbox"))
-    if start < 0:
-        return None
-    if solution.startswith("\\boxed ", start):  # \boxed 5
-        return solution[start + len("\\boxed "):].split("$")[0].strip()
-    open_brace = solution.find("{", start)
-    if open_brace < 0:
-        return None
-    depth = 0
-    for i in range(open_brace, len(solution)):
-        depth += {"{": 1, "}": -1}.get(solution[i], 0)
-        if depth == 0:
-            return solution[open_brace + 1:i]
-    return None
+    """Contents of the last \\boxed{...} (or \\fbox{...}) in a solution: the rewards' own extraction."""
+    from moxin.rewards import last_boxed
+
+    return last_boxed(solution)
 
 
 def process_docs(dataset):

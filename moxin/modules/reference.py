@@ -1,0 +1,56 @@
+"""A frozen reference policy beside the trained one (DPO, GRPO's KL term).
+
+The reference is a copy of the starting weights. It is left out of checkpoints (it would double
+their size) and rebuilt from the starting weights when a run resumes; the starting weights'
+fingerprint is saved, so a resume from other weights is refused instead of silently changing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from moxin.model import Transformer
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """A cheap hash of a state dict: names, shapes and a strided sample of every tensor's values."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().reshape(-1)
+        sample = tensor[:: max(1, tensor.numel() // 4096)].float().cpu().numpy()
+        digest.update(f"{name}{tuple(state_dict[name].shape)}".encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()
+
+
+class ReferencePolicy:
+    """Mixin for a MoxinModule: `set_reference(start weights)`, `self.reference`, checkpoint handling.
+    The module's __init__ sets `self.reference = None` and `self._reference_id = None` (not class
+    attributes here: they would hide the registered submodule from nn.Module's lookup)."""
+
+    def keeps_reference_copy(self) -> bool:
+        return True
+
+    def set_reference(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """The starting weights, which are the reference policy. Called before training, fresh or resumed."""
+        self._reference_id = weights_fingerprint(state_dict)
+        if self.keeps_reference_copy():
+            self.reference = Transformer(self.model_config)
+            self.reference.load_state_dict(state_dict)
+            self.reference.requires_grad_(False)  # no dropout in the model: train mode computes the same
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("reference.")}
+        checkpoint["reference_id"] = self._reference_id
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("reference_id")
+        if saved is not None and saved != self._reference_id:
+            raise ValueError("this checkpoint was trained against other reference weights than phase.init_from "
+                             "gives now; resume with the run's original init_from")
+        if self.reference is not None:
+            checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
