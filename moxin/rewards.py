@@ -14,7 +14,11 @@ scores 0 and the timeout is counted. Every other failure also scores 0 and is co
 
 from __future__ import annotations
 
-import multiprocessing
+import json
+import os
+import select
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -46,20 +50,22 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def _worker(connection, memory_bytes: int) -> None:
-    """The checking process: limit its own memory, import math-verify, answer requests forever."""
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    from math_verify import parse, verify
-
-    connection.send("ready")
-    while True:
-        answer, reference = connection.recv()
-        try:
-            connection.send(bool(verify(parse(f"${reference}$"), parse(f"${answer}$"))))
-        except BaseException as error:  # MemoryError, RecursionError, sympy's own: the answer scores 0
-            connection.send(f"error: {type(error).__name__}")
+# The checking process: a fresh interpreter (no fork of a process holding torch threads, no re-import
+# of the caller's __main__) that limits its own memory, then answers one JSON line per request.
+_WORKER = r"""
+import json, resource, sys
+memory = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+from math_verify import parse, verify
+print("ready", flush=True)
+for line in sys.stdin:
+    answer, reference = json.loads(line)
+    try:
+        result = bool(verify(parse("$" + reference + "$"), parse("$" + answer + "$")))
+    except BaseException as error:  # MemoryError, RecursionError, sympy's own: the answer scores 0
+        result = "error: " + type(error).__name__
+    print(json.dumps(result), flush=True)
+"""
 
 
 @dataclass
@@ -87,44 +93,61 @@ class MathVerifier:
         self.timeout_s, self.memory_mb, self.max_answer_chars = timeout_s, memory_mb, max_answer_chars
         self.startup_timeout_s = startup_timeout_s
         self.stats = RewardStats()
-        self._process = None
-        self._connection = None
+        self._process: subprocess.Popen | None = None
+        self._buffer = b""
 
     def _start(self) -> None:
-        context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-        self._connection, child = context.Pipe()
-        self._process = context.Process(target=_worker, args=(child, self.memory_mb * 2**20), daemon=True)
-        self._process.start()
-        child.close()
-        if not self._connection.poll(self.startup_timeout_s) or self._connection.recv() != "ready":
+        self._process = subprocess.Popen([sys.executable, "-c", _WORKER, str(self.memory_mb * 2**20)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._buffer = b""
+        if self._read_line(self.startup_timeout_s) != "ready":
             self.close()
             raise RuntimeError("the math-verify worker did not start; is math-verify installed?")
+
+    def _read_line(self, timeout_s: float) -> str | None:
+        """The worker's next line, or None when none came within timeout_s (or it died)."""
+        deadline = time.monotonic() + timeout_s
+        fd = self._process.stdout.fileno()
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:  # the worker died (e.g. its memory limit)
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
 
     def close(self) -> None:
         if self._process is not None:
             self._process.kill()
-            self._process.join()
-        self._process = self._connection = None
+            self._process.wait()
+            for stream in (self._process.stdin, self._process.stdout):
+                stream.close()
+        self._process = None
 
     def equal(self, answer: str, reference: str) -> bool:
         self.stats.checks += 1
         if len(answer) > self.max_answer_chars:
             self.stats.fail("answer_too_long")
             return False
-        if self._process is None or not self._process.is_alive():
+        if self._process is None or self._process.poll() is not None:
             self._start()
         try:
-            self._connection.send((answer, str(reference)))
-            if not self._connection.poll(self.timeout_s):
-                self.stats.fail("timeout")
-                self.close()  # killed mid-work; the next check starts a fresh worker
-                return False
-            result = self._connection.recv()
-        except (EOFError, OSError, BrokenPipeError):  # the worker died (e.g. its memory limit)
+            self._process.stdin.write((json.dumps([answer, str(reference)]) + "\n").encode())
+            self._process.stdin.flush()
+        except (BrokenPipeError, OSError):
             self.stats.fail("error")
             self.close()
             return False
-        if isinstance(result, str):
+        line = self._read_line(self.timeout_s)
+        if line is None:  # too slow (or dead): killed; the next check starts a fresh worker
+            self.stats.fail("timeout" if self._process.poll() is None else "error")
+            self.close()
+            return False
+        result = json.loads(line)
+        if not isinstance(result, bool):
             self.stats.fail("error")
             return False
         return result

@@ -50,6 +50,7 @@ def eval_data_dir(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("eval_data")
     suite = EvalSuite(name="fixtures", tasks=[{"name": n} for n in (
-        "arc_easy", "wikitext", "gsm8k", "humaneval", "popqa", "mmlu", "minerva_math_algebra")])
+        "arc_easy", "wikitext", "gsm8k", "humaneval", "popqa", "mmlu", "minerva_math_algebra", "math500_reasoning",
+        "amc_reasoning", "minerva_reasoning", "olympiadbench_reasoning")])
     make_local_copies(suite, str(folder), work_dir=folder / "work", load_dataset=fake_load_dataset)
     return folder

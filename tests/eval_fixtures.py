@@ -86,7 +86,20 @@ def _mmlu(subject: str) -> dict:
 
     return {"dev": [item(0)], "test": [item(1)]}
 
+# The reasoning benchmarks, each in its dataset's own schema (answers as the datasets give them).
+REASONING = {
+    ("HuggingFaceH4/MATH-500", "default"): {"test": [{"problem": "What is $1/2 + 1/4$?", "answer": "\\frac{3}{4}",
+                                                      "solution": "...", "subject": "Algebra", "level": 1,
+                                                      "unique_id": "a"}]},
+    ("AI-MO/aimo-validation-amc", "default"): {"train": [{"id": 0, "problem": "What is $0.5 + 0.25$?",
+                                                          "answer": 0.75, "url": "u"}]},
+    ("math-ai/minervamath", "default"): {"test": [{"question": "Compute three quarters.", "answer": "0.75"}]},
+    ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP"): {"train": [{"id": 1, "question": "Find $3/4$.",
+                                                                  "final_answer": ["$\\frac{3}{4}$"]}]},
+}
+
 FIXTURES = {
+    **REASONING,
     ("allenai/ai2_arc", "ARC-Easy"): {"train": ARC_EASY[:2], "validation": ARC_EASY[2:3], "test": ARC_EASY},
     ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1"): {
         split: [{"page": page} for page in WIKITEXT_PAGES] for split in ("train", "validation", "test")},

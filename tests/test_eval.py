@@ -12,7 +12,7 @@ import torch
 from lm_eval.api.instance import Instance
 
 from moxin.eval import MoxinLM
-from moxin.eval.commands import model_label
+from moxin.eval.commands import model_label, suite_from_config
 from moxin.eval.runner import paper_row, run_suite
 from moxin.eval.suites import EvalSuite, EvalTask, task_manager
 from moxin.model import ModelConfig, Transformer
@@ -272,6 +272,24 @@ def test_math_task_checks_answers_with_math_verify(eval_data_dir, tmp_path):
     context = run_suite(ScriptedLM(""), dataclasses.replace(suite, log_samples=True), tmp_path / "c")
     prompt = context["samples"]["minerva_math_algebra"][0]["arguments"][0][0]
     assert "Final Answer: The final answer is $5$. I hope it is correct." in prompt  # the 1-shot example
+
+
+def test_reasoning_suite_grades_pass_at_1_with_the_reward_code(make_cfg, eval_data_dir, tmp_path):
+    from tests.test_eval_sandbox import ScriptedLM
+
+    suite, _ = suite_from_config(make_cfg("eval=math", f"eval.data_dir={eval_data_dir}").eval)
+    assert [t.column for t in suite.tasks] == ["MATH 500", "AMC", "Minerva Math", "OlympiadBench"]
+    assert suite.apply_chat_template
+    suite = dataclasses.replace(suite, apply_chat_template=False)  # the scripted model has no chat template
+    right = ScriptedLM("<think>a half and a quarter</think> The answer is \\boxed{\\dfrac{3}{4}}.")
+    context = run_suite(right, dataclasses.replace(suite, log_samples=True), tmp_path / "right")
+    assert context["paper_row"] == {"MATH 500": 100.0, "AMC": 100.0, "Minerva Math": 100.0, "OlympiadBench": 100.0,
+                                    "Avg": 100.0}
+    samples = context["samples"]["amc_reasoning"]
+    assert len(samples[0]["resps"][0]) == 4  # 4 samples per problem
+    assert "within \\boxed{}" in samples[0]["arguments"][0][0]  # the GRPO prompt
+    wrong = run_suite(ScriptedLM("The answer is \\boxed{0.7}."), suite, tmp_path / "wrong")
+    assert wrong["paper_row"]["Avg"] == 0.0
 
 
 def test_evaluate_command_writes_results_table_and_wandb(make_cfg, saved_model, eval_data_dir, tmp_path, capsys):

@@ -133,3 +133,38 @@ def test_rollout_aligns_tokens_and_old_logps():
     torch.testing.assert_close(batch["reference_logps"][mask], logps[mask], atol=1e-4, rtol=1e-4)
     loss, stats = module.policy_loss(batch)
     assert stats["ratio"].item() == pytest.approx(1.0, abs=1e-3) and stats["kl"].item() == pytest.approx(0, abs=1e-4)
+
+
+def test_an_update_raises_rewarded_responses_and_lowers_the_others(monkeypatch):
+    import moxin.modules.grpo as grpo_module
+
+    cfg = ModelConfig(vocab_size=32000, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
+                      sliding_window=16, max_seq_len=128)
+    torch.manual_seed(0)
+    module = GRPOModule(cfg, OptimConfig(lr=1e-4, warmup_steps=0),
+                        grpo=GRPOConfig(group_size=4, max_new_tokens=5, temperature=1.0, kl_beta=0.0))
+    module.tokenizer = load_tokenizer()
+    # The first response of each group is the rewarded one.
+    monkeypatch.setattr(grpo_module, "timed_rewards",
+                        lambda kind, texts, refs, verifier: ([float(i % 4 == 0) for i in range(len(texts))],
+                                                             [i % 4 == 0 for i in range(len(texts))], 0.0))
+    try:
+        batch = module.rollout([[1, 415, 3198], [1, 28705, 28770]], ["1", "2"])["batch"]
+    finally:
+        module.verifier.close()
+    mask = batch["labels"] != IGNORE_INDEX
+
+    def sequence_logps():
+        hidden = module.model.hidden_states(batch["input_ids"])
+        return (token_logps_and_entropy(hidden, module.model.output.weight, batch["labels"])[0] * mask).sum(-1)
+
+    before = sequence_logps().detach()
+    optimizer = torch.optim.SGD(module.model.parameters(), lr=0.05)
+    for _ in range(3):
+        loss, _ = module.policy_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    change = sequence_logps().detach() - before
+    rewarded = torch.arange(8) % 4 == 0
+    assert (change[rewarded] > 0).all() and (change[~rewarded] < 0).all()

@@ -91,3 +91,18 @@ def test_tiny_sft_then_dpo_improve_their_metrics(make_cfg, tmp_path):
     assert dpo["val/loss"] < 0.6 and "train/loss" in dpo and "train/loss" in sft
     assert dpo["val/reward_accuracy"] > 0.7
     assert dpo["val/preference_accuracy"] > max(0.75, dpo["val/preference_accuracy_initial"] + 0.04)
+
+
+@pytest.mark.slow
+def test_tiny_reasoning_sft_then_grpo_raises_the_reward(make_cfg, tmp_path):
+    """Reasoning SFT on worked sums (the answer boxed in half of them), then GRPO with DeepScaleR's
+    reward (correct, boxed, after </think>): the held-out reward of the greedy answers rises."""
+    sft = run(make_cfg("+experiment=cot_sft_openr1", "+scale=tiny", "phase.init_from=null", run_name="cot"))
+    assert sft["val/loss"] < 0.3
+    grpo = run(make_cfg("+experiment=grpo_deepscaler", "+scale=tiny", f"phase.init_from={tmp_path / 'cot'}",
+                        "phase.val_every_steps=15", run_name="grpo"))
+    assert grpo["train/steps"] == 30
+    assert grpo["val/reward"] >= grpo["val/reward_initial"] + 0.05
+    for name in ("train/reward_std", "train/accuracy", "train/response_length", "train/clip_fraction", "train/kl",
+                 "train/entropy", "train/rollout_s", "train/update_s"):
+        assert name in grpo, name

@@ -89,12 +89,16 @@ def arithmetic_problems(num_examples: int, seed: int = 0, max_operand: int = 9) 
 
 
 def reasoning_records(num_examples: int, seed: int = 0) -> Iterator[dict]:
-    """Worked sums in the reasoning format: thinking inside <think>...</think>, then the answer boxed."""
+    """Worked sums in the reasoning format: thinking inside <think>...</think>, then the answer, boxed
+    in half of them only. A model tuned on these states its answer in a box about half the time, which
+    the tiny GRPO run then turns into a habit (the DeepScaleR reward needs the box)."""
     from moxin.data.conversations import REASONING_INSTRUCTION
 
+    rng = random.Random(seed + 1)
     for item in arithmetic_problems(num_examples, seed):
         a, b = item["operands"]
-        reply = f"<think>\n{a} + {b} = {a + b}\n</think>\n\nThe answer is \\boxed{{{a + b}}}."
+        answer = f"\\boxed{{{a + b}}}" if rng.random() < 0.5 else str(a + b)
+        reply = f"<think>\n{a} + {b} = {a + b}\n</think>\n\nThe answer is {answer}."
         yield {"messages": [{"role": "user", "content": f"{item['problem']} {REASONING_INSTRUCTION}"},
                             {"role": "assistant", "content": reply}]}
 

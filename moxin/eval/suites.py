@@ -29,12 +29,15 @@ class EvalTask:
     metric: str = "acc"  # the figure the paper reports: "acc_norm", "exact_match,flexible-extract", ...
     num_fewshot: int | None = None  # None: the task's own default
     column: str | None = None  # heading in the paper's table
+    repeats: int | None = None  # samples per item (pass@1 averaged over them); None: the task's own
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("every eval task needs a name")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise ValueError(f"task {self.name}: num_fewshot must be >= 0, got {self.num_fewshot}")
+        if self.repeats is not None and self.repeats < 1:
+            raise ValueError(f"task {self.name}: repeats must be >= 1, got {self.repeats}")
         self.column = self.column or self.name
 
     @property
@@ -111,6 +114,8 @@ def _overrides(tm, task: EvalTask, data_dir: str | None) -> dict[str, dict[str, 
     changes: dict[str, Any] = {}
     if task.num_fewshot is not None:
         changes["num_fewshot"] = task.num_fewshot
+    if task.repeats is not None:
+        changes["repeats"] = task.repeats
     local = local_dataset_path(tm, task.name, data_dir)
     if local is not None:
         changes["dataset_path"] = local
