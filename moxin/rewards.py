@@ -53,18 +53,20 @@ def last_boxed(text: str) -> str | None:
 # The checking process: a fresh interpreter (no fork of a process holding torch threads, no re-import
 # of the caller's __main__) that limits its own memory, then answers one JSON line per request.
 _WORKER = r"""
-import json, resource, sys
+import json, os, resource, sys
 memory = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+replies = os.fdopen(os.dup(1), "w")  # replies only: anything a library prints goes to stderr
+sys.stdout = sys.stderr
 from math_verify import parse, verify
-print("ready", flush=True)
+replies.write("ready\n"); replies.flush()
 for line in sys.stdin:
     answer, reference = json.loads(line)
     try:
         result = bool(verify(parse("$" + reference + "$"), parse("$" + answer + "$")))
     except BaseException as error:  # MemoryError, RecursionError, sympy's own: the answer scores 0
         result = "error: " + type(error).__name__
-    print(json.dumps(result), flush=True)
+    replies.write(json.dumps(result) + "\n"); replies.flush()
 """
 
 
@@ -133,6 +135,7 @@ class MathVerifier:
             self.stats.fail("answer_too_long")
             return False
         if self._process is None or self._process.poll() is not None:
+            self.close()  # a dead worker's pipes
             self._start()
         try:
             self._process.stdin.write((json.dumps([answer, str(reference)]) + "\n").encode())
@@ -146,7 +149,12 @@ class MathVerifier:
             self.stats.fail("timeout" if self._process.poll() is None else "error")
             self.close()
             return False
-        result = json.loads(line)
+        try:
+            result = json.loads(line)
+        except ValueError:  # not a reply: start afresh rather than misread the next one
+            self.stats.fail("error")
+            self.close()
+            return False
         if not isinstance(result, bool):
             self.stats.fail("error")
             return False

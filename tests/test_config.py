@@ -127,4 +127,5 @@ def test_every_experiment_runs_at_tiny_scale_with_one_override(make_cfg, experim
                    "phase.validate_before_training=false", *start)
     assert cfg.model.dim == 128 and cfg.hardware.accelerator == "cpu"
     metrics = run(cfg)
-    assert metrics["train/steps"] == 2 and metrics["val/loss"] < 11
+    assert metrics["train/steps"] == 2
+    assert metrics["val/loss"] < 11 if cfg.phase.module != "grpo" else "val/accuracy" in metrics  # GRPO: no loss

@@ -291,6 +291,13 @@ def test_reasoning_suite_grades_pass_at_1_with_the_reward_code(make_cfg, eval_da
     wrong = run_suite(ScriptedLM("The answer is \\boxed{0.7}."), suite, tmp_path / "wrong")
     assert wrong["paper_row"]["Avg"] == 0.0
 
+    class Alternating(ScriptedLM):  # right, wrong, right, wrong...: pass@1 must count every sample
+        def generate_until(self, requests):
+            return ["\\boxed{3/4}" if i % 2 == 0 else "\\boxed{1}" for i in range(len(requests))]
+
+    half = run_suite(Alternating(""), dataclasses.replace(suite, tasks=suite.tasks[:1]), tmp_path / "half")
+    assert half["paper_row"]["MATH 500"] == 50.0
+
 
 def test_evaluate_command_writes_results_table_and_wandb(make_cfg, saved_model, eval_data_dir, tmp_path, capsys):
     from moxin.train import run

@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from moxin.train import run
 
 PHASES = ("phase1_2k", "phase2_4k", "phase3_enhanced")
-STAGES = (*PHASES, "sft", "dpo")  # the tiny recipe: pretraining phases, then post-training
+STAGES = (*PHASES, "sft", "dpo", "cot_sft", "grpo")  # the tiny recipe: pretraining, post-training, reasoning
 
 
 def test_phase_experiments_compose_at_full_scale(make_cfg):

@@ -126,10 +126,10 @@ class ResumableDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return {"consumed_samples": self.resume_samples}
-        # A module that makes several optimizer steps per batch (GRPO) says how many.
-        steps_per_batch = getattr(trainer.lightning_module, "optimizer_steps_per_batch", None)
-        batches = trainer.global_step // steps_per_batch if steps_per_batch else \
-            trainer.global_step * trainer.accumulate_grad_batches
+        # A module that makes several optimizer steps per batch (GRPO) counts its batches itself.
+        batches = getattr(trainer.lightning_module, "consumed_batches", None)
+        if batches is None:
+            batches = trainer.global_step * trainer.accumulate_grad_batches
         return {"consumed_samples": batches * self.micro_batch_size * trainer.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:

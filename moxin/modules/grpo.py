@@ -76,7 +76,7 @@ class GRPOModule(ReferencePolicy, MoxinModule):
         self.grpo = grpo or GRPOConfig()
         self.hparams["grpo"] = asdict(self.grpo)
         self.automatic_optimization = False
-        self.optimizer_steps_per_batch = self.grpo.ppo_epochs * self.grpo.mini_batches
+        self.consumed_batches = 0  # rollout batches trained on (the data position: several steps per batch)
         self.reference: Transformer | None = None
         self._reference_id: str | None = None
         self.verifier = MathVerifier(timeout_s=self.grpo.reward_timeout_s)
@@ -87,6 +87,14 @@ class GRPOModule(ReferencePolicy, MoxinModule):
 
     def setup(self, stage: str) -> None:
         self.tokenizer = self.trainer.datamodule.tokenizer
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["consumed_batches"] = self.consumed_batches
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.consumed_batches = checkpoint.get("consumed_batches", 0)
 
     def teardown(self, stage: str) -> None:
         self.verifier.close()
@@ -146,14 +154,20 @@ class GRPOModule(ReferencePolicy, MoxinModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         rollout = self.rollout(batch["prompt_ids"], batch["answers"])
         data, n = rollout["batch"], rollout["batch"]["input_ids"].shape[0]
+        if n % self.grpo.mini_batches:
+            raise ValueError(f"{n} rollout rows (problems x group_size) do not split into grpo.mini_batches="
+                             f"{self.grpo.mini_batches} equal optimizer steps")
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         started = time.perf_counter()
         update_stats: dict[str, list] = {}
         for _ in range(self.grpo.ppo_epochs):
-            for rows in torch.arange(n).chunk(self.grpo.mini_batches):
+            for rows in torch.arange(n).tensor_split(self.grpo.mini_batches):
                 loss, stats = self.policy_loss({k: v[rows] for k, v in data.items()})
-                if self.nonfinite(loss):  # policy skip: this optimizer step is dropped
+                if self.nonfinite(loss):  # policy skip: this optimizer step is dropped, and counted
                     optimizer.zero_grad(set_to_none=True)
+                    self._skip_this_step = False
+                    self.skipped_steps += 1
+                    self.log("train/skipped_nonfinite", float(self.skipped_steps), on_step=True)
                     continue
                 self.manual_backward(loss)
                 if self.grpo.max_grad_norm:
@@ -164,6 +178,7 @@ class GRPOModule(ReferencePolicy, MoxinModule):
                 scheduler.step()
                 for name, value in {"loss": loss.detach(), **stats}.items():
                     update_stats.setdefault(name, []).append(value.detach())
+        self.consumed_batches += 1
         self.tokens_seen += int((data["labels"] != IGNORE_INDEX).sum()) * self.trainer.world_size
         metrics = {**rollout["stats"], "update_s": torch.tensor(time.perf_counter() - started),
                    **{k: torch.stack(v).mean() for k, v in update_stats.items()}}

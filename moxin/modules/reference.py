@@ -48,7 +48,7 @@ class ReferencePolicy:
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        saved = checkpoint.get("reference_id")
+        saved = checkpoint.get("reference_id", checkpoint.get("dpo_reference_id"))  # (the older key)
         if saved is not None and saved != self._reference_id:
             raise ValueError("this checkpoint was trained against other reference weights than phase.init_from "
                              "gives now; resume with the run's original init_from")

@@ -27,6 +27,11 @@ def process_docs(dataset):
     return dataset.map(normalised, remove_columns=dataset.column_names)
 
 
+def all_samples(responses, docs):
+    """The filter that keeps all `repeats` samples of each problem (lm-eval's default keeps the first)."""
+    return responses
+
+
 def doc_to_text(doc: dict) -> str:
     return f"{doc['problem']} {REASONING_INSTRUCTION}"
 
@@ -37,4 +42,5 @@ def process_results(doc: dict, results: list[str]) -> dict[str, float]:
     global _verifier
     if _verifier is None:
         _verifier = MathVerifier()
-    return {"pass@1": sum(is_correct(r, doc["answer"], _verifier) for r in results) / max(len(results), 1)}
+    samples = results[0] if results and isinstance(results[0], list) else results  # all_samples: one list
+    return {"pass@1": sum(is_correct(r, doc["answer"], _verifier) for r in samples) / max(len(samples), 1)}
