@@ -108,8 +108,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
         drop_sorted[..., 0] = False
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # Inverse-CDF sampling: one uniform number per row. torch.multinomial draws an exponential variate
+    # for every vocabulary entry, which was over half of a CPU decode step.
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    # side="right": the first token whose cumulative probability exceeds u, never a zero-probability one.
+    return torch.searchsorted(cdf, u, side="right").squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 class StopCriteria:

@@ -165,18 +165,21 @@ def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
 
 
-def token_logps_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logps_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log p(label) and entropy (B, T) of the LM head over hidden (B, T, dim), computed only
-    where labels are not IGNORE_INDEX (zeros elsewhere): a rollout's responses, not its prompts."""
+    where labels are not IGNORE_INDEX (zeros elsewhere): a rollout's responses, not its prompts. The
+    entropy is a metric (no gradient); with_entropy=False skips it."""
     valid = labels != IGNORE_INDEX
-    logits = kernels.linear(hidden[valid], weight.to(hidden.dtype)).float()
+    logits = kernels.linear(hidden[valid], weight.to(hidden.dtype)).float()  # (response tokens, V)
     logp_all = torch.log_softmax(logits, dim=-1)
     picked = logp_all.gather(-1, labels[valid].unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
     logps = torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(valid, picked)
-    entropies = torch.zeros(labels.shape, dtype=entropy.dtype, device=entropy.device)
-    return logps, entropies.masked_scatter(valid, entropy.detach())
+    if not with_entropy:
+        return logps, None
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logps, torch.zeros(labels.shape, dtype=entropy.dtype, device=entropy.device).masked_scatter(valid, entropy)
 
 
 def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:

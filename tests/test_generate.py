@@ -229,3 +229,16 @@ def test_long_prompt_prefills_in_window_bounded_chunks(monkeypatch):
     with torch.no_grad():  # and the continuation is still that of the whole sequence
         expected = int(model(torch.tensor([prompt]))[0, -1].argmax())
     assert out.tokens[0][0] == expected
+
+
+def test_sampling_follows_the_distribution_and_its_truncations():
+    from moxin.generate import sample_next
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])).expand(40_000, 5)
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample_next(logits, 1.0, 0, 1.0, generator), minlength=5).float() / 40_000
+    assert torch.allclose(counts, torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]), atol=0.01)  # never the 0-prob token
+    top2 = torch.bincount(sample_next(logits, 1.0, 2, 1.0, generator), minlength=5).float() / 40_000
+    assert top2[2:].sum() == 0 and abs(top2[0] - 0.625) < 0.01
+    nucleus = torch.bincount(sample_next(logits, 1.0, 0, 0.7, generator), minlength=5)
+    assert nucleus[2:].sum() == 0  # 0.5 + 0.3 reach top_p 0.7: the rest are dropped

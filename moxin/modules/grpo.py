@@ -130,7 +130,7 @@ class GRPOModule(ReferencePolicy, MoxinModule):
             with torch.no_grad():
                 hidden = self.reference.hidden_states(batch["input_ids"])
                 batch["reference_logps"] = token_logps_and_entropy(hidden, self.reference.output.weight,
-                                                                   batch["labels"])[0]
+                                                                   batch["labels"], with_entropy=False)[0]
         lengths = torch.tensor([len(t) for t in out.tokens], dtype=torch.float32)
         stats = {"reward": rewards.mean(), "reward_std": rewards.std(dim=-1, unbiased=False).mean(),
                  "accuracy": torch.tensor(correct, dtype=torch.float32).mean(), "response_length": lengths.mean(),
