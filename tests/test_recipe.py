@@ -106,3 +106,21 @@ def test_tiny_reasoning_sft_then_grpo_raises_the_reward(make_cfg, tmp_path):
     for name in ("train/reward_std", "train/accuracy", "train/response_length", "train/clip_fraction", "train/kl",
                  "train/entropy", "train/rollout_s", "train/update_s"):
         assert name in grpo, name
+
+
+def test_deepscaler_recipe_lengthens_responses_from_a_given_start(make_cfg, tmp_path):
+    from moxin.recipe import run_recipe
+
+    seen = []
+
+    def record(stage_cfg):
+        seen.append((stage_cfg.phase.init_from, stage_cfg.phase.grpo.max_new_tokens, stage_cfg.phase.grpo.reward))
+        return {}
+
+    cfg = make_cfg("+recipe=deepscaler", f"recipe.init_from={tmp_path / 'cot_sft'}")
+    run_recipe(cfg, record)
+    root = tmp_path / "recipes" / "deepscaler"
+    assert seen == [(str(tmp_path / "cot_sft"), 8192, "deepscaler"), (str(root / "grpo_8k"), 16384, "deepscaler"),
+                    (str(root / "grpo_16k"), 24576, "deepscaler")]
+    with pytest.raises(ValueError, match="recipe.init_from"):
+        run_recipe(make_cfg("+recipe=deepscaler"), record)
