@@ -166,20 +166,24 @@ AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
 
 
 def token_logps_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                            with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log p(label) and entropy (B, T) of the LM head over hidden (B, T, dim), computed only
-    where labels are not IGNORE_INDEX (zeros elsewhere): a rollout's responses, not its prompts. The
-    entropy is a metric (no gradient); with_entropy=False skips it."""
+                            entropy_rows: int | None = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log p(label) (B, T) of the LM head over hidden (B, T, dim), computed only where labels
+    are not IGNORE_INDEX (zeros elsewhere): a rollout's responses, not its prompts. Also the mean entropy
+    of those tokens' distributions, a metric without gradient, estimated on an evenly strided sample of at
+    most `entropy_rows` of them (None: all; 0: not computed, returned as 0)."""
     valid = labels != IGNORE_INDEX
     logits = kernels.linear(hidden[valid], weight.to(hidden.dtype)).float()  # (response tokens, V)
     logp_all = torch.log_softmax(logits, dim=-1)
     picked = logp_all.gather(-1, labels[valid].unsqueeze(-1)).squeeze(-1)
     logps = torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(valid, picked)
-    if not with_entropy:
-        return logps, None
     with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logps, torch.zeros(labels.shape, dtype=entropy.dtype, device=entropy.device).masked_scatter(valid, entropy)
+        rows = logp_all.detach()
+        if entropy_rows == 0 or rows.shape[0] == 0:
+            return logps, rows.new_zeros(())
+        if entropy_rows is not None and rows.shape[0] > entropy_rows:
+            rows = rows[torch.linspace(0, rows.shape[0] - 1, entropy_rows, device=rows.device).long()]
+        entropy = -(rows.exp() * rows).sum(-1).mean()
+    return logps, entropy
 
 
 def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:

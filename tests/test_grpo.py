@@ -94,12 +94,16 @@ def test_token_logps_and_entropy_match_a_full_softmax():
     torch.manual_seed(0)
     hidden, weight = torch.randn(2, 4, 8), torch.randn(11, 8)
     labels = torch.tensor([[IGNORE_INDEX, 3, 5, IGNORE_INDEX], [1, 2, IGNORE_INDEX, 10]])
-    logps, entropy = token_logps_and_entropy(hidden, weight, labels)
+    logps, entropy = token_logps_and_entropy(hidden, weight, labels, entropy_rows=None)
     full = torch.log_softmax(hidden @ weight.T, dim=-1)
     valid = labels != IGNORE_INDEX
     torch.testing.assert_close(logps[valid], full[valid].gather(-1, labels[valid, None]).squeeze(-1))
-    torch.testing.assert_close(entropy[valid], -(full.exp() * full).sum(-1)[valid])
-    assert (logps[~valid] == 0).all() and (entropy[~valid] == 0).all()
+    token_entropy = -(full.exp() * full).sum(-1)[valid]
+    torch.testing.assert_close(entropy, token_entropy.mean())
+    assert (logps[~valid] == 0).all()
+    # A strided sample of the tokens: the first and the last of the five.
+    torch.testing.assert_close(token_logps_and_entropy(hidden, weight, labels, entropy_rows=2)[1],
+                               token_entropy[[0, 4]].mean())
 
 
 def test_rollout_aligns_tokens_and_old_logps():

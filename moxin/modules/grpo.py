@@ -130,7 +130,7 @@ class GRPOModule(ReferencePolicy, MoxinModule):
             with torch.no_grad():
                 hidden = self.reference.hidden_states(batch["input_ids"])
                 batch["reference_logps"] = token_logps_and_entropy(hidden, self.reference.output.weight,
-                                                                   batch["labels"], with_entropy=False)[0]
+                                                                   batch["labels"], entropy_rows=0)[0]
         lengths = torch.tensor([len(t) for t in out.tokens], dtype=torch.float32)
         stats = {"reward": rewards.mean(), "reward_std": rewards.std(dim=-1, unbiased=False).mean(),
                  "accuracy": torch.tensor(correct, dtype=torch.float32).mean(), "response_length": lengths.mean(),
@@ -148,7 +148,7 @@ class GRPOModule(ReferencePolicy, MoxinModule):
                                        clip_low=self.grpo.clip_eps, clip_high=self.grpo.clip_eps_high,
                                        aggregation=self.grpo.aggregation, kl=kl, kl_beta=self.grpo.kl_beta,
                                        max_tokens=self.grpo.max_new_tokens)
-        stats["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
+        stats["entropy"] = entropy
         return loss, stats
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
