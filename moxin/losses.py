@@ -107,11 +107,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = F
 def sequence_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """sequence_logps(hidden @ weight.T, labels) (sums), forming logits only at labelled positions:
     a DPO batch's replies are a fraction of its tokens, and the (B, T, V) logits never exist."""
-    valid = labels != IGNORE_INDEX
-    rows = valid.nonzero()[:, 0]
-    logits = kernels.linear(hidden[valid], weight.to(hidden.dtype)).float()  # (labelled tokens, V)
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels[valid].unsqueeze(-1)).squeeze(-1)
-    return torch.zeros(labels.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
+    return token_logps_and_entropy(hidden, weight, labels, entropy_rows=0)[0].sum(dim=-1)
 
 
 # --- the DPO family ---

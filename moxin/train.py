@@ -134,11 +134,10 @@ def start_weights(init_from: str) -> dict:
     return load_model(init_from).state_dict()
 
 
-def init_weights(module, init_from: str, state: dict | None = None) -> None:
-    """Start from another run's weights (a checkpoint, a run folder or a Hugging Face folder)."""
+def init_weights(module, init_from: str, state: dict) -> None:
+    """Start from another run's weights (`state`, read by start_weights from init_from)."""
     from moxin.hf import load_state_dict_checked
 
-    state = start_weights(init_from) if state is None else state
     load_state_dict_checked(module.model, dict(state), source=init_from)  # names a mismatched tensor
     print(f"Initialised the weights from {init_from}")
 

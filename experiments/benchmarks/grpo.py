@@ -14,24 +14,18 @@ Prints one JSON line last.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import logging
 import os
 import tempfile
 
 import numpy as np
 import torch
-from sft_dpo import LR, StepClock, fit_ours, hf_clock_callback, trl_args  # the SFT/DPO benchmark's helpers
+from sft_dpo import LR, StepClock, fit_ours, hf_clock_callback, small_model_and_tokenizer, trl_args  # shared
 
-from moxin.chat import CHAT_TEMPLATE
 from moxin.data.chat_data import ExampleArrays, PromptDataset, collate_prompts
 from moxin.data.conversations import TokenizedExample
 from moxin.kernels import use_onednn_on_cpu
-from moxin.model import ModelConfig, Transformer
 from moxin.modules import GRPOConfig, GRPOModule, OptimConfig
-from moxin.system import keep_freed_memory_for_reuse
-from moxin.tokenizer import load_tokenizer
 
 
 def problems(n: int) -> list[dict]:
@@ -59,17 +53,7 @@ def main() -> None:
     import trl
     from transformers import MistralForCausalLM
 
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    datasets.disable_progress_bars()
-    keep_freed_memory_for_reuse()
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=32000, dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64,
-                      n_kv_heads=max(1, args.dim // 128), head_dim=64, hidden_dim=3 * args.dim,
-                      sliding_window=4096, max_seq_len=4096)
-    weights = Transformer(cfg)
-    tokenizer = copy.deepcopy(load_tokenizer())
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.pad_token = tokenizer.eos_token
+    cfg, weights, tokenizer = small_model_and_tokenizer(args.dim, args.layers)
     items = problems(args.prompts * args.steps)
     result: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as folder:

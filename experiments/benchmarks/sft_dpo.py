@@ -107,6 +107,23 @@ def fit_ours(module, loader, steps: int, clock: StepClock, folder: str) -> None:
     trainer.fit(module, train_dataloaders=loader)
 
 
+def small_model_and_tokenizer(dim: int, layers: int) -> tuple[ModelConfig, Transformer, object]:
+    """Quiet logs, seeded weights of a small Moxin-shaped model, and a tokenizer carrying the chat
+    template and a pad token (TRL needs both): what both sides of a post-training benchmark start from."""
+    import datasets
+
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    datasets.disable_progress_bars()
+    keep_freed_memory_for_reuse()
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=32000, dim=dim, n_layers=layers, n_heads=dim // 64, n_kv_heads=max(1, dim // 128),
+                      head_dim=64, hidden_dim=3 * dim, sliding_window=4096, max_seq_len=4096)
+    tokenizer = copy.deepcopy(load_tokenizer())
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.pad_token = tokenizer.eos_token
+    return cfg, Transformer(cfg), tokenizer
+
+
 def trl_args(cls, folder: str, batch: int, steps: int, **extra):
     return cls(output_dir=folder, per_device_train_batch_size=batch, max_steps=steps, learning_rate=LR,
                lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
@@ -127,17 +144,7 @@ def main() -> None:
     import trl
     from transformers import MistralForCausalLM
 
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    datasets.disable_progress_bars()
-    keep_freed_memory_for_reuse()
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=32000, dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64,
-                      n_kv_heads=max(1, args.dim // 128), head_dim=64, hidden_dim=3 * args.dim,
-                      sliding_window=4096, max_seq_len=4096)
-    weights = Transformer(cfg)
-    tokenizer = copy.deepcopy(load_tokenizer())
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.pad_token = tokenizer.eos_token
+    cfg, weights, tokenizer = small_model_and_tokenizer(args.dim, args.layers)
     n = args.batch * args.steps
     result: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as folder:

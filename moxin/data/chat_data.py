@@ -212,9 +212,7 @@ def read_chat_source(source: ChatSourceConfig, config: ChatDataConfig, tokenizer
                 stats.trained_tokens += sum(example.trained_tokens for example, _ in results)
             if source.max_examples is not None and stats.records >= source.max_examples:
                 break
-    for reason, count in reader_stats.skipped.items():  # unreadable lines, from the file reader
-        if count:
-            stats.skipped[reason] = stats.skipped.get(reason, 0) + count
+    stats.add_reader_skips(reader_stats)
     arrays = {split: {side: ExampleArrays.from_examples(ex) for side, ex in by_side.items()}
               for split, by_side in kept.items()}
     return arrays, stats.as_dict()
@@ -246,9 +244,7 @@ def read_prompt_source(source: ChatSourceConfig, config: ChatDataConfig, tokeniz
         stats.tokens += len(ids)
         if source.max_examples is not None and stats.records >= source.max_examples:
             break
-    for reason, count in reader_stats.skipped.items():
-        if count:
-            stats.skipped[reason] = stats.skipped.get(reason, 0) + count
+    stats.add_reader_skips(reader_stats)
     return {split: (ExampleArrays.from_examples(ex), answers) for split, (ex, answers) in kept.items()}, \
         stats.as_dict()
 
@@ -436,7 +432,7 @@ class ChatDataModule(ResumableDataModule):
             if split == "train" and len(first) == 0:
                 raise ValueError(f"the chat sources gave no training examples; read and skipped: {self.source_stats}")
             if split == "val" and cfg.val_max_sequences is not None and len(first) > cfg.val_max_sequences:
-                keep = np.sort(np.random.default_rng(cfg.seed).choice(len(first), cfg.val_max_sequences, replace=False))
+                keep = capped_sample(len(first), cfg.val_max_sequences, cfg.seed)
                 self.arrays[split] = {side: _subset(a, keep) for side, a in self.arrays[split].items()}
         for name, stats in self.source_stats.items():
             if stats["skipped"] or stats["truncated"]:
@@ -547,7 +543,7 @@ class PromptDataModule(ChatDataModule):
         if len(train) == 0:
             raise ValueError(f"the prompt sources gave no training problems; read and skipped: {self.source_stats}")
         if cfg.val_max_sequences is not None and len(val) > cfg.val_max_sequences:
-            keep = np.sort(np.random.default_rng(cfg.seed).choice(len(val), cfg.val_max_sequences, replace=False))
+            keep = capped_sample(len(val), cfg.val_max_sequences, cfg.seed)
             val, val_answers = _subset(val, keep), [val_answers[i] for i in keep]
         self.train_dataset = PromptDataset(train, train_answers, epoch_order(len(train), cfg.epochs, cfg.seed))
         self.val_dataset = PromptDataset(val, val_answers)
@@ -575,6 +571,11 @@ def _concat(parts: list[ExampleArrays]) -> ExampleArrays:
         base += part.offsets[-1]
     return ExampleArrays(np.concatenate([p.input_ids for p in parts]), np.concatenate([p.labels for p in parts]),
                          np.concatenate(offsets))
+
+
+def capped_sample(n: int, cap: int, seed: int) -> np.ndarray:
+    """`cap` of the indices 0..n-1, drawn at random (seeded), in order: a validation set's cap."""
+    return np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
 
 
 def _subset(arrays: ExampleArrays, keep: np.ndarray) -> ExampleArrays:

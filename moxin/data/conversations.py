@@ -56,6 +56,12 @@ class ConversationStats:
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
+    def add_reader_skips(self, reader_stats) -> None:
+        """Fold in what the file reader skipped (bad JSON, truncated files, ...): a SourceStats."""
+        for reason, count in reader_stats.skipped.items():
+            if count:
+                self.skipped[reason] = self.skipped.get(reason, 0) + count
+
     def as_dict(self) -> dict:
         return {"records": self.records, "kept": self.kept, "truncated": self.truncated, "tokens": self.tokens,
                 "trained_tokens": self.trained_tokens, "skipped": {k: v for k, v in self.skipped.items() if v}}
