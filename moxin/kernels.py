@@ -61,10 +61,20 @@ class _OneDNNLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _onednn_mm(grad_out, weight.t().contiguous())  # (..., out) @ (out, in)
         if ctx.needs_input_grad[1]:
-            rows_out = grad_out.reshape(-1, grad_out.shape[-1]).t().contiguous()  # (out, M)
-            rows_in = x.reshape(-1, x.shape[-1]).t().contiguous()  # (in, M)
-            grad_w = _onednn_mm(rows_out, rows_in)  # (out, M) @ (M, in)
+            rows_out = grad_out.reshape(-1, grad_out.shape[-1])  # (M, out)
+            rows_in = x.reshape(-1, x.shape[-1])  # (M, in)
+            if weight.shape[0] >= _TRANSPOSE_COSTS_MORE * weight.shape[1]:
+                # A small model's LM head: transposing the (M, vocab) gradient for oneDNN costs more
+                # than MKL's slower product, which reads it in place.
+                grad_w = torch.mm(rows_out.t(), rows_in)
+            else:
+                grad_w = _onednn_mm(rows_out.t().contiguous(), rows_in.t().contiguous())  # (out, M) @ (M, in)
         return grad_x, grad_w
+
+
+# out_features / in_features from which the weight gradient is cheaper through MKL (measured on
+# this project's CPUs: a 32000 x 256 head 79 ms vs 112 ms at M = 1024; 32000 x 1024 is faster in oneDNN).
+_TRANSPOSE_COSTS_MORE = 64
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

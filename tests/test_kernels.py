@@ -19,9 +19,10 @@ def restore_switch():
     kernels.use_onednn_on_cpu(before)
 
 
-def test_onednn_linear_matches_nn_linear_forward_and_backward():
+@pytest.mark.parametrize("out_features", [80, 48 * 70])  # the second: an LM-head shape (MKL weight gradient)
+def test_onednn_linear_matches_nn_linear_forward_and_backward(out_features):
     torch.manual_seed(0)
-    plain = nn.Linear(48, 80, bias=False)
+    plain = nn.Linear(48, out_features, bias=False)
     fast = copy.deepcopy(plain)
     assert kernels.use_onednn_linears(fast) == 1 and type(fast) is kernels.OneDNNLinear
     x1 = torch.randn(3, 7, 48, requires_grad=True)

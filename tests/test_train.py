@@ -103,6 +103,17 @@ def test_no_weight_decay_on_norms():
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
 
 
+@pytest.mark.parametrize("fused", [None, False])
+def test_adamw_is_fused_on_the_cpu_unless_switched_off(fused):
+    from moxin.modules import PretrainModule
+
+    module = PretrainModule(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                                        hidden_dim=64), OptimConfig(fused=fused))
+    module.total_steps = lambda: 10  # no Trainer here
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert optimizer.defaults["fused"] is (fused is None)  # the fused CPU kernel is ~6x faster than foreach
+
+
 def test_bad_optimizer_settings_fail_naming_the_field():
     with pytest.raises(ValueError, match="schedule"):
         OptimConfig(schedule="warmup_stable_decay_typo")

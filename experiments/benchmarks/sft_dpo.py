@@ -107,17 +107,20 @@ def fit_ours(module, loader, steps: int, clock: StepClock, folder: str) -> None:
     trainer.fit(module, train_dataloaders=loader)
 
 
-def small_model_and_tokenizer(dim: int, layers: int) -> tuple[ModelConfig, Transformer, object]:
-    """Quiet logs, seeded weights of a small Moxin-shaped model, and a tokenizer carrying the chat
-    template and a pad token (TRL needs both): what both sides of a post-training benchmark start from."""
+def small_model_and_tokenizer(dim: int, layers: int, config: ModelConfig | None = None
+                              ) -> tuple[ModelConfig, Transformer, object]:
+    """Quiet logs, seeded weights of a small Moxin-shaped model (`config`, else dim x layers), and a
+    tokenizer carrying the chat template and a pad token (TRL needs both): what both sides of a
+    post-training benchmark start from."""
     import datasets
 
     logging.getLogger("lightning").setLevel(logging.ERROR)
     datasets.disable_progress_bars()
     keep_freed_memory_for_reuse()
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=32000, dim=dim, n_layers=layers, n_heads=dim // 64, n_kv_heads=max(1, dim // 128),
-                      head_dim=64, hidden_dim=3 * dim, sliding_window=4096, max_seq_len=4096)
+    cfg = config or ModelConfig(vocab_size=32000, dim=dim, n_layers=layers, n_heads=dim // 64,
+                                n_kv_heads=max(1, dim // 128), head_dim=64, hidden_dim=3 * dim, sliding_window=4096,
+                                max_seq_len=4096)
     tokenizer = copy.deepcopy(load_tokenizer())
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.pad_token = tokenizer.eos_token

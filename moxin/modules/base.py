@@ -26,7 +26,7 @@ class OptimConfig:
     warmup_ratio: float | None = None  # when set, warm up over this share of the run's steps instead
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
     schedule: str = "cosine"
-    fused: bool | None = None  # None: fused AdamW when the parameters are on a GPU
+    fused: bool | None = None  # None: fused AdamW on a GPU or CPU (6x faster than foreach on these CPUs)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -109,7 +109,7 @@ class MoxinModule(L.LightningModule):
     def configure_optimizers(self):
         fused = self.optim.fused
         if fused is None:
-            fused = next(self.model.parameters()).device.type == "cuda"
+            fused = next(self.model.parameters()).device.type in ("cuda", "cpu")
         optimizer = torch.optim.AdamW(
             parameter_groups(self.model, self.optim.weight_decay), lr=self.optim.lr,
             betas=self.optim.betas, eps=self.optim.eps, fused=fused,
