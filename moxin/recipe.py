@@ -48,6 +48,17 @@ def _changed_groups(saved_path: Path, stage_cfg: DictConfig) -> list[str]:
     return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
 
 
+def _keep_choices(stage_cfg: DictConfig) -> None:
+    """Move the options Hydra chose (model: tiny, phase: sft, ...) into tracking.choices, for the stage's
+    run record, and drop the rest of the composed `hydra` node, which the stage does not use."""
+    from omegaconf import open_dict
+
+    choices = {k: v for k, v in stage_cfg.hydra.runtime.choices.items() if v is not None and not k.startswith("hydra")}
+    with open_dict(stage_cfg):
+        del stage_cfg["hydra"]
+        stage_cfg.tracking.choices = choices
+
+
 def run_recipe(cfg: DictConfig, run_stage) -> dict[str, Any]:
     """Run cfg.recipe's stages with `run_stage(stage_cfg) -> metrics`; return each stage's metrics."""
     from hydra import compose, initialize_config_dir
@@ -66,7 +77,9 @@ def run_recipe(cfg: DictConfig, run_stage) -> dict[str, Any]:
         context = nullcontext() if GlobalHydra.instance().is_initialized() else initialize_config_dir(
             config_dir=CONF_DIR, version_base="1.3")
         with context:
-            stage_cfg = compose("config", overrides=overrides)
+            stage_cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        _keep_choices(stage_cfg)
+        stage_cfg.tracking.tags = [*stage_cfg.tracking.tags, f"recipe:{recipe.name}", f"stage:{stage.name}"]
         if stage_cfg.phase.get("init_from") == "previous":
             start = str(previous) if previous is not None else recipe.get("init_from")
             if not start:

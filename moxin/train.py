@@ -10,10 +10,12 @@ import glob
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from moxin.callbacks import ThroughputMonitor
@@ -29,6 +31,8 @@ from moxin.interactive import chat_task, generate_task
 from moxin.kernels import onednn_enabled, use_onednn_linears
 from moxin.model import ModelConfig
 from moxin.modules import MODULES
+from moxin.records import scalar_metrics, write_run_record
+from moxin.report import report_task
 from moxin.system import configure_cpu
 from moxin.tokenizer import load_tokenizer
 from moxin.tracking import wandb_settings
@@ -47,7 +51,13 @@ def run(cfg: DictConfig) -> dict:
     task = cfg.get("task", "train")
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
-    return TASKS[task](cfg)
+    started = time.time()
+    result = TASKS[task](cfg)
+    if rank_zero_only.rank == 0 and cfg.paths.get("run_dir"):  # the run record: moxin/records.py
+        metrics = result.get("metrics") if isinstance(result.get("metrics"), dict) else result
+        result["results"] = str(write_run_record(cfg, Path(cfg.paths.run_dir), scalar_metrics(metrics), started,
+                                              extra=result.pop("record", None)))
+    return result
 
 
 def model_config_for_context(model: ModelConfig, context: DictConfig) -> ModelConfig:
@@ -87,7 +97,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     loggers = []
     if cfg.logger.csv:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
-    wandb_kwargs = wandb_settings(cfg.logger.wandb, run_dir, cfg.name, OmegaConf.to_container(cfg, resolve=True))
+    wandb_kwargs = wandb_settings(cfg, run_dir)
     if wandb_kwargs is not None:
         loggers.append(WandbLogger(save_dir=str(run_dir), offline=wandb_kwargs["mode"] == "offline", **wandb_kwargs))
     return loggers
@@ -274,5 +284,5 @@ def report(metrics: dict, run_dir: Path, final_dir: Path) -> None:
 
 
 TASKS = {"train": train, "generate": generate_task, "chat": chat_task, "evaluate": evaluate_task,
-         "eval_data": eval_data_task, "prepare_data": prepare_data_task}
+         "eval_data": eval_data_task, "prepare_data": prepare_data_task, "report": report_task}
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moxin.eval.runner import print_table, run_suite, summary_metrics, wandb_table, write_results
 from moxin.eval.suites import EvalSuite, datasets_of, declared_configs, task_manager
+from moxin.records import model_run
 
 
 def suite_from_config(eval_cfg: DictConfig) -> tuple[EvalSuite, int]:
@@ -56,7 +57,9 @@ def evaluate_task(cfg: DictConfig) -> dict[str, Any]:
     print_table(results["paper_row"], suite, label)
     print(f"results: {path}")
     _log_to_wandb(cfg, suite, results["paper_row"], label)
-    return {"paper_row": results["paper_row"], "results": str(path), "run_dir": str(run_dir)}
+    return {"paper_row": results["paper_row"], "results": str(path), "run_dir": str(run_dir),
+            "metrics": summary_metrics(results["paper_row"], suite),
+            "record": {"run": {"model_run": model_run(cfg.ckpt), "ckpt": str(cfg.ckpt), "model_label": label}}}
 
 
 def _log_to_wandb(cfg: DictConfig, suite: EvalSuite, row: dict[str, float], label: str) -> None:
