@@ -190,8 +190,9 @@ def write_run_record(cfg: DictConfig, run_dir: Path, metrics: dict[str, float], 
     (an evaluation's lm-eval output stays, under its own keys)."""
     path = Path(run_dir) / "results.json"
     existing = json.loads(path.read_text()) if path.is_file() else {}
-    record = {**existing, **static_record(cfg), **(extra or {})}
-    record["run"] = {**record["run"], **existing.get("run", {}), **(extra or {}).get("run", {})}
+    static, extra = static_record(cfg), extra or {}
+    record = {**existing, **static, **extra}
+    record["run"] = {**static["run"], **extra.get("run", {})}
     record.update(run_dir=str(run_dir), data_manifest=data_manifest(cfg, Path(run_dir)),
                   started=_iso(started), finished=_iso(time.time()), seconds=round(time.time() - started, 1),
                   metrics={**existing.get("metrics", {}), **metrics})

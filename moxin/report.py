@@ -357,12 +357,12 @@ def loss_curves(models: list[ModelRuns], out_dir: Path, metric: str = "train/los
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    with_curves = [(m, curve) for m in models if Path(m.key).is_dir() and (curve := read_curve(m.key, metric))]
+    shared = set.intersection(*(set(_overrides(m)) for m, _ in with_curves)) if with_curves else set()
     by_phase: dict[str, list[tuple[str, list]]] = {}
-    for model in models:
-        curve = read_curve(model.key, metric) if Path(model.key).is_dir() else []
-        if curve:
-            label = _row_label(RowSpec(), model, several=False) if model.sweep else model.experiment or model.key
-            by_phase.setdefault(model.phase or "run", []).append((label, curve))
+    for model, curve in with_curves:
+        label = _row_label(RowSpec(), model, several=False, shared=shared) if model.sweep else model.experiment
+        by_phase.setdefault(model.phase or "run", []).append((label or model.key, curve))
     written = []
     for phase, curves in sorted(by_phase.items()):
         fig, ax = plt.subplots(figsize=(6, 3.5))

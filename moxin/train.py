@@ -55,8 +55,8 @@ def run(cfg: DictConfig) -> dict:
     result = TASKS[task](cfg)
     if rank_zero_only.rank == 0 and cfg.paths.get("run_dir"):  # the run record: moxin/records.py
         metrics = result.get("metrics") if isinstance(result.get("metrics"), dict) else result
-        result["results"] = str(write_run_record(cfg, Path(cfg.paths.run_dir), scalar_metrics(metrics), started,
-                                              extra=result.pop("record", None)))
+        write_run_record(cfg, Path(cfg.paths.run_dir), scalar_metrics(metrics), started,
+                         extra=result.pop("record", None))
     return result
 
 

@@ -42,13 +42,16 @@ def make_cfg(tmp_path):
 
 @pytest.fixture(scope="session")
 def eval_data_dir(tmp_path_factory):
+    return local_eval_fixtures(tmp_path_factory.mktemp("eval_data"))
+
+
+def local_eval_fixtures(folder):
     """Local copies of the evaluation fixtures (tests/eval_fixtures.py), written the way
     task=eval_data writes real ones, for lm-eval's real task definitions to read offline."""
     from moxin.eval.commands import make_local_copies
     from moxin.eval.suites import EvalSuite
     from tests.eval_fixtures import fake_load_dataset
 
-    folder = tmp_path_factory.mktemp("eval_data")
     suite = EvalSuite(name="fixtures", tasks=[{"name": n} for n in (
         "arc_easy", "wikitext", "gsm8k", "humaneval", "popqa", "mmlu", "minerva_math_algebra", "math500_reasoning",
         "amc_reasoning", "minerva_reasoning", "olympiadbench_reasoning")])

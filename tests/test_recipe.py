@@ -1,5 +1,6 @@
 """Pretraining phases, context groups, the +scale=tiny switch, and the recipe runner."""
 
+import csv
 import json
 
 import pytest
@@ -52,7 +53,34 @@ def test_capability_templates_turn_items_into_text(make_cfg):
 
 
 @pytest.mark.slow
-def test_tiny_recipe_runs_the_phases_in_order_and_skips_finished_stages(make_cfg, tmp_path, capsys):
+def build_every_table_from_the_recipe_runs(make_cfg, tmp_path, root, data_dir) -> None:
+    """The recipe's stages carry run records; evaluations of two stages (zero-shot ARC-E on the local
+    eval fixtures) count for those stages; task=report builds every table from the folder."""
+    for stage in ("phase2_4k", "phase3_enhanced"):
+        run(make_cfg("task=evaluate", "eval=zeroshot", f"ckpt={root / stage}", f"eval.data_dir={data_dir}",
+                     "eval.limit=4", "eval.tasks=[{name: arc_easy, num_fewshot: 0, metric: acc_norm, column: ARC-E}]",
+                     run_name=f"eval_{stage}"))
+    out = run(make_cfg("task=report", f"report.runs={tmp_path}", "report.tags=[]", run_name="report"))
+    from moxin.report import table_names
+
+    assert sorted(out["tables"]) == table_names() and out["models"] == len(STAGES)
+    recipe_table = list(csv.reader((tmp_path / "report" / "tiny_recipe.csv").open()))
+    by_label = {row[0]: dict(zip(recipe_table[0], row, strict=True)) for row in recipe_table[1:]}
+    assert len(by_label) == len(STAGES)
+    assert all(float(row["val loss"]) > 0 for label, row in by_label.items() if "DeepScaleR" not in label)
+    assert 0 <= float(by_label["Moxin-7B-DPO"]["DPO pref. acc. (%)"]) <= 100
+    assert 0 <= float(by_label["Moxin-7B-RL-DeepScaleR"]["GRPO greedy acc. (%)"]) <= 100
+    ablation = list(csv.reader((tmp_path / "report" / "enhancement_ablation.csv").open()))
+    header, rows = ablation[0], {(r[0], r[-2]): r for r in ablation[1:]}
+    arc_e = header.index("ARC-E")
+    for label in ("Moxin-7B-Original", "Moxin-7B-Enhanced"):
+        assert 0 <= float(rows[(label, "ours")][arc_e]) <= 100 and rows[(label, "published")][arc_e]
+    stage_record = json.loads((root / "sft" / "results.json").read_text())
+    assert stage_record["run"]["experiment"] == "sft_tulu3" and "recipe:moxin_tiny" in stage_record["run"]["tags"]
+    assert stage_record["data_manifest"]["hash"] and stage_record["metrics"]["train/steps"] == 4
+
+
+def test_tiny_recipe_runs_the_phases_in_order_and_skips_finished_stages(make_cfg, tmp_path, capsys, eval_data_dir):
     quick = "recipe.overrides=['+scale=tiny','phase.max_steps=4','phase.val_every_steps=4']"
     first = run(make_cfg("+recipe=moxin_tiny", quick))
     assert list(first) == list(STAGES)
@@ -63,6 +91,8 @@ def test_tiny_recipe_runs_the_phases_in_order_and_skips_finished_stages(make_cfg
         config = (root / phase / "config.yaml").read_text()
         assert (f"init_from: {root / STAGES[i - 1]}" in config) == (i > 0)  # hand-off from the stage before
     assert "EXPERIMENTAL" in capsys.readouterr().out  # phase 3's mix says so in the run's log
+
+    build_every_table_from_the_recipe_runs(make_cfg, tmp_path, root, eval_data_dir)
 
     (root / "phase3_enhanced" / "metrics.json").unlink()  # as if phase 3 had been killed
     second = run(make_cfg("+recipe=moxin_tiny", quick))
