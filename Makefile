@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean strip-notebooks
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check moxin tests run.py experiments
+
+strip-notebooks: $(STAMP)  # outputs and execution counts out of the committed notebooks
+	$(PY) notebooks/strip_outputs.py notebooks/*.ipynb
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -175,8 +175,9 @@ def test_a_two_point_multirun_lands_in_one_table_and_the_notebook_runs_on_it(mak
 
     from moxin.train import run
 
-    cfg = make_cfg("task=report", "table=sweep", f"report.runs={tmp_path}", run_name="report")
+    cfg = make_cfg("task=report", "table=sweep", f"report.runs={tmp_path}", "logger=default", run_name="report")
     out = run(cfg)
+    assert list((tmp_path / "report" / "wandb").glob("offline-run-*/files/media/images/report/sweep*.png"))
     csv_text = (tmp_path / "report" / "sweep.csv").read_text()
     assert "phase.optimizer.lr=0.001" in csv_text and "phase.optimizer.lr=0.003" in csv_text
     assert out["tables"]["sweep"]["png"].endswith("sweep.png") and out["loss_curves"]
