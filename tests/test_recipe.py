@@ -67,7 +67,7 @@ def build_every_table_from_the_recipe_runs(make_cfg, tmp_path, root, data_dir) -
     recipe_table = list(csv.reader((tmp_path / "report" / "tiny_recipe.csv").open()))
     by_label = {row[0]: dict(zip(recipe_table[0], row, strict=True)) for row in recipe_table[1:]}
     assert len(by_label) == len(STAGES)
-    assert all(float(row["val loss"]) > 0 for label, row in by_label.items() if "DeepScaleR" not in label)
+    assert all(float(row["val loss (own objective)"]) > 0 for label, row in by_label.items() if "DeepScaleR" not in label)
     assert 0 <= float(by_label["Moxin-7B-DPO"]["DPO pref. acc. (%)"]) <= 100
     assert 0 <= float(by_label["Moxin-7B-RL-DeepScaleR"]["GRPO greedy acc. (%)"]) <= 100
     ablation = list(csv.reader((tmp_path / "report" / "enhancement_ablation.csv").open()))
