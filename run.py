@@ -12,7 +12,19 @@ def main(cfg: DictConfig) -> float | dict:
     # What a sweeper that optimises (hydra/sweeper=moxin_optuna) minimises: the final `objective`
     # metric; plain runs and Hydra's basic sweeper ignore the return value.
     objective = cfg.get("objective")
-    return float(metrics[objective]) if objective and objective in metrics else metrics
+    if objective and objective in metrics:
+        return float(metrics[objective])
+    if _optimising_sweep():
+        raise ValueError(f"objective={objective!r} is not among this run's final metrics "
+                         f"({sorted(k for k in metrics if '/' in k)}); set objective=<one of them>")
+    return metrics
+
+
+def _optimising_sweep() -> bool:
+    """Whether a sweeper that needs one number per run (Optuna) runs this job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and "optuna" in str(HydraConfig.get().sweeper.get("_target_", "")).lower()
 
 
 if __name__ == "__main__":

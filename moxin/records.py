@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import platform
 import subprocess
@@ -29,6 +31,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Settings that change where a run writes or how it reports, not what it computes.
 VOLATILE_KEYS = ("paths", "progress_bar", "resume", "logger", "tracking", "hydra", "objective", "report", "table")
@@ -37,9 +40,23 @@ PACKAGES = ("moxin", "torch", "lightning", "transformers", "datasets", "tokenize
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """A short hash of what the run computes: the resolved config without paths and logging options."""
-    kept = {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
+    """A short hash of what the run computes: the resolved config without where it reads and writes
+    (folders, paths, the run's name, checkpoints to start from) and without logging options, so that
+    the same configuration hashes alike in another folder, checkout or machine."""
+    kept = _without_paths({k: v for k, v in config.items() if k not in VOLATILE_KEYS})
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _is_path_key(key: str) -> bool:
+    return key.endswith("dir") or "path" in key or key in ("name", "ckpt", "init_from")
+
+
+def _without_paths(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items() if not _is_path_key(str(k))}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value]
+    return value
 
 
 def git_state(repo: Path = REPO_ROOT) -> dict[str, Any]:
@@ -71,9 +88,13 @@ def package_versions() -> dict[str, str | None]:
 def hardware_info(hardware: DictConfig | dict | None = None) -> dict[str, Any]:
     import torch
 
+    # Device names only where CUDA is already initialised: initialising it here, before the Trainer
+    # starts, would break fork-based strategies (ddp_fork, ddp_notebook).
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_initialized() else None
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                            "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+                            "cuda_device_count": torch.cuda.device_count(), "cuda_devices": names}
     if hardware is not None:
         chosen = OmegaConf.to_container(hardware, resolve=True) if isinstance(hardware, DictConfig) else hardware
         info["options"] = {k: chosen.get(k) for k in ("accelerator", "devices", "num_nodes", "precision", "strategy")
@@ -101,12 +122,29 @@ def file_hash(path: Path) -> str:
 
 
 def data_manifest(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """The curation manifest of the shards a run trained on, else the run's own data summary."""
+    """The curation manifest of the shards a run trained on, else the run's own data summary (without
+    whether its tokens came from the cache, which differs between two runs of the same data)."""
     shards = cfg.get("data", {}).get("shards_dir") if isinstance(cfg.get("data"), DictConfig) else None
-    for candidate in ([Path(shards) / "manifest.json"] if shards else []) + [run_dir / "data.json"]:
-        if candidate.is_file():
-            return {"path": str(candidate), "hash": file_hash(candidate)}
+    manifest = Path(shards) / "manifest.json" if shards else None
+    if manifest is not None and manifest.is_file():
+        return {"path": str(manifest), "hash": file_hash(manifest)}
+    summary = run_dir / "data.json"
+    if summary.is_file():
+        try:
+            content = _without_keys(json.loads(summary.read_text()), {"cached"})
+        except (OSError, ValueError):
+            return {"path": str(summary), "hash": None}
+        digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return {"path": str(summary), "hash": digest}
     return {"path": None, "hash": None}
+
+
+def _without_keys(value: Any, keys: set[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_keys(v, keys) for k, v in value.items() if k not in keys}
+    if isinstance(value, list):
+        return [_without_keys(v, keys) for v in value]
+    return value
 
 
 def option_choices(cfg: DictConfig) -> dict[str, str]:
@@ -130,7 +168,10 @@ def sweep_info() -> dict[str, Any] | None:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     hydra_cfg = HydraConfig.get()
-    return {"id": Path(hydra_cfg.sweep.dir).name, "dir": str(hydra_cfg.sweep.dir), "job": hydra_cfg.job.num,
+    folder = Path(hydra_cfg.sweep.dir)
+    # The folder's last two parts (<name>/<time> by default): two sweeps started in the same second
+    # under different names stay apart.
+    return {"id": f"{folder.parent.name}/{folder.name}", "dir": str(folder.resolve()), "job": hydra_cfg.job.num,
             "overrides": list(hydra_cfg.overrides.task)}
 
 
@@ -152,8 +193,11 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
         "sweep": sweep_info(),
     }
     sweep = identity["sweep"]
-    identity["group"] = tracking.get("group") or (f"{identity['experiment']}-sweep-{sweep['id']}" if sweep
-                                                  else identity["experiment"])
+    identity["group"] = tracking.get("group") or (f"{identity['experiment']}-sweep-{Path(sweep['dir']).name}"
+                                                  if sweep else identity["experiment"])
+    if tracking.get("model_run"):  # an evaluation: the run it evaluated (set by task=evaluate)
+        identity["model_run"] = OmegaConf.to_container(tracking.model_run) \
+            if isinstance(tracking.model_run, DictConfig) else tracking.model_run
     identity["scale"] = choices.get("scale")
     tags = [f"{key}:{identity[key]}" for key in ("experiment", "task", "phase", "model", "data", "eval", "scale")
             if identity[key]]
@@ -167,8 +211,10 @@ def static_record(cfg: DictConfig) -> dict[str, Any]:
     """Everything known before the run starts (W&B gets it as config; results.json adds metrics)."""
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("hydra", None)
+    run_dir = cfg.get("paths", {}).get("run_dir") if isinstance(cfg.get("paths"), DictConfig) else None
     return {"run": run_identity(cfg), "config_hash": config_hash(config), "git": git_state(),
-            "packages": package_versions(), "hardware": hardware_info(cfg.get("hardware")), "config": config}
+            "packages": package_versions(), "hardware": hardware_info(cfg.get("hardware")),
+            "run_dir": str(Path(run_dir).resolve()) if run_dir else None, "config": config}
 
 
 def scalar_metrics(values: dict[str, Any]) -> dict[str, float]:
@@ -177,10 +223,9 @@ def scalar_metrics(values: dict[str, Any]) -> dict[str, float]:
     for key, value in values.items():
         if isinstance(value, bool):
             continue
-        if isinstance(value, (int, float)):
-            out[key] = float(value)
-        elif hasattr(value, "numel") and value.numel() == 1:  # a tensor
-            out[key] = float(value)
+        if isinstance(value, (int, float)) or (hasattr(value, "numel") and value.numel() == 1):  # or a tensor
+            number = float(value)
+            out[key] = number if math.isfinite(number) else None  # JSON has no NaN: null, as "not measured"
     return out
 
 
@@ -189,11 +234,15 @@ def write_run_record(cfg: DictConfig, run_dir: Path, metrics: dict[str, float], 
     """results.json of the run folder: the record plus metrics, merged into what the task wrote there
     (an evaluation's lm-eval output stays, under its own keys)."""
     path = Path(run_dir) / "results.json"
-    existing = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        existing = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as error:  # a torn file of an earlier attempt: start afresh
+        log.warning("results.json of %s unreadable (%s); writing a new one", run_dir, error)
+        existing = {}
     static, extra = static_record(cfg), extra or {}
     record = {**existing, **static, **extra}
     record["run"] = {**static["run"], **extra.get("run", {})}
-    record.update(run_dir=str(run_dir), data_manifest=data_manifest(cfg, Path(run_dir)),
+    record.update(data_manifest=data_manifest(cfg, Path(run_dir)),
                   started=_iso(started), finished=_iso(time.time()), seconds=round(time.time() - started, 1),
                   metrics={**existing.get("metrics", {}), **metrics})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +258,8 @@ def _iso(timestamp: float) -> str:
 
 def model_run(ckpt: str | None) -> dict[str, Any] | None:
     """The run record behind a checkpoint (a run folder, its final/ HF folder or a .ckpt inside it):
-    an evaluation's row in a table is the model's experiment, not the evaluation's."""
+    an evaluation's row in a table is the model's experiment, not the evaluation's. `checkpoint` names
+    an intermediate .ckpt (None: the run's final weights), which is a model of its own."""
     if not ckpt:
         return None
     path = Path(ckpt).expanduser().resolve()
@@ -218,9 +268,12 @@ def model_run(ckpt: str | None) -> dict[str, Any] | None:
         if results.is_file():
             try:
                 saved = json.loads(results.read_text())
-            except json.JSONDecodeError:
+            except (OSError, ValueError):
                 return None
-            if "config_hash" in saved:
-                return {"experiment": saved["run"].get("experiment"), "config_hash": saved["config_hash"],
-                        "run_dir": str(folder), "sweep": saved["run"].get("sweep")}
+            run = saved.get("run") if isinstance(saved.get("run"), dict) else {}
+            if "config_hash" not in saved or run.get("task", "train") != "train":
+                return None
+            intermediate = path.suffix == ".ckpt" and path.name != "last.ckpt"
+            return {"experiment": run.get("experiment"), "config_hash": saved["config_hash"], "run_dir": str(folder),
+                    "sweep": run.get("sweep"), "checkpoint": path.stem if intermediate else None}
     return None

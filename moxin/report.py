@@ -41,6 +41,7 @@ class RowSpec:
     experiment: str | None = None
     tags: list[str] = field(default_factory=list)
     sweep: str | None = None  # "selected": the runs of report.sweep (or the newest sweep)
+    checkpoint: str | None = None  # None: final weights only; "any", or a .ckpt name such as step-1000
 
 
 @dataclass
@@ -91,12 +92,12 @@ def load_local_runs(root: str | Path) -> list[dict[str, Any]]:
     for path in sorted(Path(root).expanduser().rglob("results.json")):
         try:
             record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
             skipped += 1
             log.warning("skipped %s: %s", path, error)
             continue
-        if isinstance(record, dict) and "config_hash" in record and "run" in record:
-            record.setdefault("run_dir", str(path.parent))
+        if isinstance(record, dict) and "config_hash" in record and isinstance(record.get("run"), dict):
+            record["run_dir"] = str(path.parent.resolve())  # where it is now, whatever it was written as
             records.append(record)
     if skipped:
         log.warning("%d unreadable results.json files skipped under %s", skipped, root)
@@ -112,9 +113,10 @@ def load_wandb_runs(project: str, entity: str | None = None, api=None) -> list[d
         api = wandb.Api()
     path = f"{entity}/{project}" if entity else project
     records = []
-    for run in api.runs(path):
+    # Finished runs only (a crashed rerun must not win as the newest); configs fetched with the list.
+    for run in api.runs(path, filters={"state": "finished"}, lazy=False):
         saved = dict(run.config).get("moxin")
-        if not isinstance(saved, dict) or "run" not in saved:
+        if not isinstance(saved, dict) or not isinstance(saved.get("run"), dict) or "config_hash" not in saved:
             continue  # not a moxin run
         metrics = {k: float(v) for k, v in dict(run.summary).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("_")}
@@ -125,16 +127,30 @@ def load_wandb_runs(project: str, entity: str | None = None, api=None) -> list[d
 
 @dataclass
 class ModelRuns:
-    """One model: its training run's record (when found) and the evaluations of it, merged."""
-    key: str
+    """One model: its training run's record (when found) and the evaluations of it, merged. Runs of one
+    configuration (same config hash) are one model: a rerun's newer metrics win."""
+    key: str  # <config hash>@<checkpoint>: "final", or an intermediate .ckpt evaluated on its own
     experiment: str | None
     config_hash: str | None
+    checkpoint: str | None
     tags: set[str]
     sweep: dict | None
     metrics: dict[str, float]
     run_dirs: list[str]
     finished: str
     phase: str | None = None
+    train_dir: str | None = None  # the training run's folder (its CSV log: loss curves)
+
+
+def _model_of(record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The key of the model a record measures, and what names it (the record's run, or the run it evaluated)."""
+    run = record["run"]
+    if run.get("task") == "evaluate":
+        target = run.get("model_run")
+        if isinstance(target, dict) and target.get("config_hash"):
+            return f"{target['config_hash']}@{target.get('checkpoint') or 'final'}", target
+        return f"ckpt:{run.get('ckpt') or record.get('run_dir')}", run  # a model from elsewhere: by its name
+    return f"{record['config_hash']}@final", {**run, "config_hash": record["config_hash"]}
 
 
 def collect_models(records: list[dict[str, Any]]) -> list[ModelRuns]:
@@ -144,21 +160,18 @@ def collect_models(records: list[dict[str, Any]]) -> list[ModelRuns]:
         run = record["run"]
         if run.get("task", "train") not in ("train", "evaluate"):
             continue  # reports, data preparation, generation: they measure no model
-        evaluated = run.get("model_run") if run.get("task") == "evaluate" else None
-        key = (evaluated or {}).get("run_dir") or (record["run_dir"] if run.get("task") != "evaluate"
-                                                   else f"ckpt:{run.get('ckpt')}")
+        key, names = _model_of(record)
         model = models.get(key)
         if model is None:
-            model = models[key] = ModelRuns(key=key, experiment=(evaluated or run).get("experiment"),
-                                            config_hash=(evaluated or record).get("config_hash"), tags=set(),
-                                            sweep=(evaluated or run).get("sweep"), metrics={}, run_dirs=[],
-                                            finished="")
-        if run.get("task") != "evaluate":  # the training run itself names the model
-            model.experiment, model.config_hash = run.get("experiment"), record.get("config_hash")
-            model.sweep, model.phase = run.get("sweep"), run.get("phase")
+            model = models[key] = ModelRuns(key=key, experiment=names.get("experiment"),
+                                            config_hash=names.get("config_hash"), checkpoint=names.get("checkpoint"),
+                                            tags=set(), sweep=names.get("sweep"), metrics={}, run_dirs=[], finished="")
+        if run.get("task", "train") == "train":  # the training run itself names the model
+            model.experiment, model.sweep, model.phase = run.get("experiment"), run.get("sweep"), run.get("phase")
             model.tags |= set(run.get("tags") or [])
-        model.metrics.update(record.get("metrics") or {})
-        model.run_dirs.append(record["run_dir"])
+            model.train_dir = record.get("run_dir")
+        model.metrics.update({k: v for k, v in (record.get("metrics") or {}).items() if v is not None})
+        model.run_dirs.append(str(record.get("run_dir")))
         model.finished = max(model.finished, record.get("finished") or "")
     return list(models.values())
 
@@ -190,7 +203,7 @@ class Table:
         lines = [f"**{self.spec.title}**", "", "| " + " | ".join(head) + " |",
                  "|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|"]
         for row in self.rows:
-            lines.append("| " + " | ".join([row.label, *self._cells(row, "–"), row.source]) + " |")
+            lines.append("| " + " | ".join([_md(row.label), *self._cells(row, "–"), row.source]) + " |")
         if self.missing:
             lines += ["", "No runs yet for: " + ", ".join(self.missing)]
         return "\n".join(lines) + "\n"
@@ -231,10 +244,16 @@ class Table:
         return [empty if v is None else f"{v:.{self.spec.digits}f}" for v in values]
 
 
+_TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
 def _tex(text: str) -> str:
-    for char, escaped in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
-        text = text.replace(char, escaped)
-    return text
+    return "".join(_TEX_SPECIAL.get(char, char) for char in text)
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 def published_rows(spec: TableSpec, experiments_dir: Path = EXPERIMENTS_DIR) -> list[Row]:
@@ -264,9 +283,7 @@ def build_table(spec: TableSpec, models: list[ModelRuns], sweep: str | None = No
     rows, missing = published_rows(spec, experiments_dir), []
     for row_spec in spec.rows:
         matched = [m for m in models if _matches(row_spec, m, chosen_sweep)]
-        newest: dict[str | None, ModelRuns] = {}
-        for model in sorted(matched, key=lambda m: m.finished):
-            newest[model.config_hash] = model  # reruns of one configuration: the newest
+        newest = {m.key: m for m in sorted(matched, key=lambda m: m.finished)}
         if not newest:
             missing.append(row_spec.label or row_spec.experiment or f"sweep {chosen_sweep}")
             continue
@@ -274,13 +291,15 @@ def build_table(spec: TableSpec, models: list[ModelRuns], sweep: str | None = No
         for model in sorted(newest.values(), key=lambda m: (m.sweep or {}).get("job", 0)):
             values = {c.label: _metric(model, c) for c in spec.columns}
             label = _row_label(row_spec, model, several=len(newest) > 1, shared=shared)
-            detail = f"{model.config_hash} {model.key}"
+            detail = f"{model.key} {model.train_dir or ''}".strip()
             rows.append(Row(label, "ours", values, _mean(values) if spec.average else None, detail))
     return Table(spec, rows, missing)
 
 
 def _matches(spec: RowSpec, model: ModelRuns, sweep: str | None) -> bool:
     if spec.experiment and model.experiment != spec.experiment:
+        return False
+    if spec.checkpoint != "any" and model.checkpoint != spec.checkpoint:
         return False
     if spec.tags and not set(spec.tags) <= model.tags:
         return False
@@ -296,6 +315,8 @@ def _overrides(model: ModelRuns) -> list[str]:
 def _row_label(spec: RowSpec, model: ModelRuns, several: bool, shared: set[str] = frozenset()) -> str:
     """The spec's label; for several configurations, with the sweep overrides that set this one apart."""
     overrides = ", ".join(o for o in _overrides(model) if o not in shared)
+    if model.checkpoint:
+        overrides = ", ".join(filter(None, [overrides, model.checkpoint]))
     if spec.label is None:
         return overrides or model.experiment or model.key
     if several:
@@ -329,7 +350,7 @@ def bar_chart(table: Table, path: Path) -> Path | None:
     width = 0.8 / len(rows)
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(labels) + 2), 4))
     for i, row in enumerate(rows):
-        heights = [row.values.get(label) or 0.0 for label in labels]
+        heights = [math.nan if row.values.get(label) is None else row.values[label] for label in labels]  # no bar
         ax.bar([j + i * width for j in range(len(labels))], heights, width, label=f"{row.label} ({row.source})",
                hatch="//" if row.source == "published" else None, alpha=0.6 if row.source == "published" else 1.0)
     ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(labels))], labels)
@@ -357,7 +378,7 @@ def loss_curves(models: list[ModelRuns], out_dir: Path, metric: str = "train/los
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with_curves = [(m, curve) for m in models if Path(m.key).is_dir() and (curve := read_curve(m.key, metric))]
+    with_curves = [(m, curve) for m in models if m.train_dir and (curve := read_curve(m.train_dir, metric))]
     shared = set.intersection(*(set(_overrides(m)) for m, _ in with_curves)) if with_curves else set()
     by_phase: dict[str, list[tuple[str, list]]] = {}
     for model, curve in with_curves:
@@ -408,7 +429,7 @@ def report_task(cfg) -> dict[str, Any]:
         records = load_wandb_runs(cfg.logger.wandb.project, cfg.logger.wandb.entity)
     else:
         records = load_local_runs(options.runs)
-    models = collect_models(records)
+    models = [m for m in collect_models(records) if set(options.tags) <= m.tags]
     tables_dir = Path(options.tables_dir) if options.get("tables_dir") else EXPERIMENTS_DIR / "tables"
     names = [cfg.table] if cfg.get("table") else table_names(tables_dir)
     out_dir = Path(cfg.paths.run_dir)
@@ -421,7 +442,7 @@ def report_task(cfg) -> dict[str, Any]:
         print(table.to_markdown())
     curves = [str(p) for p in loss_curves(models, out_dir)] if options.plots else []
     print(f"{len(records)} run records read; tables and plots in {out_dir}")
-    with standalone_wandb_run(cfg, job_type="report") as run:
+    with standalone_wandb_run(cfg) as run:
         if run is not None:
             import wandb
 

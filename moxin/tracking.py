@@ -38,9 +38,9 @@ def wandb_settings(cfg, run_dir: Path) -> dict[str, Any] | None:
 
 
 @contextmanager
-def standalone_wandb_run(cfg, job_type: str):
-    """A W&B run for a task that has no Trainer (evaluate, prepare_data), in the run folder; yields
-    None when W&B is off. The run is finished on leaving the block."""
+def standalone_wandb_run(cfg):
+    """A W&B run for a task that has no Trainer (evaluate, prepare_data, report), in the run folder;
+    its job type is the task. Yields None when W&B is off. The run is finished on leaving the block."""
     run_dir = Path(cfg.paths.run_dir)
     settings = wandb_settings(cfg, run_dir)
     if settings is None:
@@ -49,7 +49,7 @@ def standalone_wandb_run(cfg, job_type: str):
     import wandb
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(dir=str(run_dir), **{**settings, "job_type": job_type})
+    run = wandb.init(dir=str(run_dir), **settings)
     try:
         yield run
     finally:

@@ -31,7 +31,7 @@ from moxin.interactive import chat_task, generate_task
 from moxin.kernels import onednn_enabled, use_onednn_linears
 from moxin.model import ModelConfig
 from moxin.modules import MODULES
-from moxin.records import scalar_metrics, write_run_record
+from moxin.records import data_manifest, scalar_metrics, write_run_record
 from moxin.report import report_task
 from moxin.system import configure_cpu
 from moxin.tokenizer import load_tokenizer
@@ -225,8 +225,15 @@ def train(cfg: DictConfig) -> dict:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the final metrics are the final model's
         final.update(trainer.callback_metrics)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    if trainer.is_global_zero:
+        with open(run_dir / "data.json", "w") as f:
+            json.dump(datamodule.summary, f, indent=2, default=str)
     for logger in trainer.loggers:  # a recipe runs stages in one process: each stage gets its own W&B run
         if type(logger).__name__ == "WandbLogger":
+            # What is known only now, for the report's W&B path: the data manifest's hash.
+            logger.experiment.config.update({"moxin": {**logger.experiment.config["moxin"],
+                                                       "data_manifest": data_manifest(cfg, run_dir)}},
+                                            allow_val_change=True)
             logger.experiment.finish()  # before the run's report, which then stays the last thing printed
 
     metrics.update({k: float(v) for k, v in final.items() if v.numel() == 1})
@@ -237,8 +244,6 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:  # one copy of the outputs, written by rank 0
         module.model.save_hf(str(final_dir))
         save_tokenizer(datamodule.tokenizer, final_dir, chat_template=CHAT_TEMPLATE if chat else None)
-        with open(run_dir / "data.json", "w") as f:
-            json.dump(datamodule.summary, f, indent=2, default=str)
         metrics["sample"] = sample_text(module.model, datamodule.tokenizer, cfg.sample, chat=chat)
         with open(run_dir / "metrics.json", "w") as f:
             json.dump(metrics, f, indent=2)

@@ -1,4 +1,5 @@
 import os
+import sys
 import tempfile
 
 import pytest
@@ -21,6 +22,10 @@ def offline_and_contained(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(kernels, "_enabled", False)
+    media = sys.modules.get("wandb.sdk.data_types._private")
+    if media is not None:  # W&B's process-wide media folder was made in an earlier test's (deleted) tmp_path
+        (tmp_path / "wandb-media").mkdir()
+        monkeypatch.setattr(media.MEDIA_TMP, "name", str(tmp_path / "wandb-media"))
 
 
 @pytest.fixture

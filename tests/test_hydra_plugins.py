@@ -1,6 +1,8 @@
 """The optional Hydra plugins: conf/hydra/sweeper/moxin_optuna.yaml and conf/hydra/launcher/{slurm,local_submitit}.yaml
 compose onto the plugins' own configs (hydra-optuna-sweeper, hydra-submitit-launcher; skipped without them)."""
 
+import json
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
@@ -81,3 +83,29 @@ def test_plugins_combine(hydra_cfg):
                       "hardware.devices=8")
     assert (hydra.sweeper._target_, hydra.launcher._target_) == (OPTUNA_SWEEPER, SLURM_LAUNCHER)
     assert hydra.sweeper.study_name == "phase1_2k"
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_minimises_the_objective_and_names_a_missing_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(CONF_DIR).parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    common = [sys.executable, str(root / "run.py"), "-m", "hydra/sweeper=moxin_optuna", "hydra.sweeper.n_trials=2",
+              "+experiment=tiny_debug", "phase.max_steps=2", "phase.val_every_steps=2", "logger=csv",
+              "progress_bar=false", "phase.optimizer.lr=tag(log, interval(1e-4, 1e-2))"]
+    subprocess.run([*common, f"paths.output_root={tmp_path / 'ok'}"], env=env, check=True, capture_output=True,
+                   timeout=600)
+    (found,) = (tmp_path / "ok").glob("multirun/tiny_debug/*/optimization_results.yaml")
+    best = yaml.safe_load(found.read_text())
+    runs = (tmp_path / "ok").glob("multirun/tiny_debug/*/*/metrics.json")
+    losses = [json.loads(p.read_text())["val/loss"] for p in runs]
+    assert len(losses) == 2 and best["best_value"] == pytest.approx(min(losses))
+    failed = subprocess.run([*common, "objective=val/nonexistent", f"paths.output_root={tmp_path / 'bad'}"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert failed.returncode != 0 and "objective='val/nonexistent' is not among" in failed.stderr

@@ -52,7 +52,6 @@ def test_capability_templates_turn_items_into_text(make_cfg):
     assert any(d.endswith("Answer: each evening") for d in docs)  # RACE's answer by option letter
 
 
-@pytest.mark.slow
 def build_every_table_from_the_recipe_runs(make_cfg, tmp_path, root, data_dir) -> None:
     """The recipe's stages carry run records; evaluations of two stages (zero-shot ARC-E on the local
     eval fixtures) count for those stages; task=report builds every table from the folder."""
@@ -67,7 +66,8 @@ def build_every_table_from_the_recipe_runs(make_cfg, tmp_path, root, data_dir) -
     recipe_table = list(csv.reader((tmp_path / "report" / "tiny_recipe.csv").open()))
     by_label = {row[0]: dict(zip(recipe_table[0], row, strict=True)) for row in recipe_table[1:]}
     assert len(by_label) == len(STAGES)
-    assert all(float(row["val loss (own objective)"]) > 0 for label, row in by_label.items() if "DeepScaleR" not in label)
+    losses = [float(row["val loss (own objective)"]) for label, row in by_label.items() if "DeepScaleR" not in label]
+    assert len(losses) == len(STAGES) - 1 and min(losses) > 0
     assert 0 <= float(by_label["Moxin-7B-DPO"]["DPO pref. acc. (%)"]) <= 100
     assert 0 <= float(by_label["Moxin-7B-RL-DeepScaleR"]["GRPO greedy acc. (%)"]) <= 100
     ablation = list(csv.reader((tmp_path / "report" / "enhancement_ablation.csv").open()))
@@ -80,6 +80,7 @@ def build_every_table_from_the_recipe_runs(make_cfg, tmp_path, root, data_dir) -
     assert stage_record["data_manifest"]["hash"] and stage_record["metrics"]["train/steps"] == 4
 
 
+@pytest.mark.slow
 def test_tiny_recipe_runs_the_phases_in_order_and_skips_finished_stages(make_cfg, tmp_path, capsys, eval_data_dir):
     quick = "recipe.overrides=['+scale=tiny','phase.max_steps=4','phase.val_every_steps=4']"
     first = run(make_cfg("+recipe=moxin_tiny", quick))

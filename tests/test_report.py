@@ -44,8 +44,8 @@ def test_every_table_from_recorded_runs_matches_the_expected_files(name, fixture
 
 def test_a_model_row_gathers_its_evaluations_and_the_newest_rerun_wins(fixture_models):
     models, runs = fixture_models
-    enhanced = next(m for m in models if m.experiment == "phase3_enhanced")
-    assert enhanced.key == str(runs / "base" / "phase3")
+    enhanced = next(m for m in models if m.experiment == "phase3_enhanced" and m.checkpoint is None)
+    assert enhanced.key == "aaaa000000000002@final" and enhanced.train_dir == str((runs / "base" / "phase3").resolve())
     assert enhanced.metrics["val/loss"] == 2.25  # from the training run
     assert enhanced.metrics["eval/zeroshot/ARC-C"] == 58.5 and enhanced.metrics["eval/fewshot/ARC-C"] == 59.5
     table = report.build_table(report.load_spec("few_shot_base"), models)
@@ -57,6 +57,50 @@ def test_a_model_row_gathers_its_evaluations_and_the_newest_rerun_wins(fixture_m
     published = {r.label: r for r in table.rows if r.source == "published"}
     assert published["Moxin-7B-Enhanced"].values["MMLU"] == 60.97 and published["Moxin-7B-Enhanced"].average == 70.55
     assert not any(m.experiment == "report" for m in models)  # a report measures no model
+
+
+def test_an_intermediate_checkpoint_is_a_model_of_its_own(fixture_models):
+    models, _ = fixture_models
+    table = report.build_table(report.load_spec("few_shot_base"), models)
+    enhanced = next(r for r in table.rows if r.source == "ours" and r.label == "Moxin-7B-Enhanced")
+    assert enhanced.values["ARC-C"] == 59.5  # the step-2 evaluation, newer, did not overwrite the final model's
+    spec = report.load_spec("few_shot_base")
+    spec.rows = [report.RowSpec(label="Enhanced", experiment="phase3_enhanced", checkpoint="any")]
+    labels = [r.label for r in report.build_table(spec, models).rows if r.source == "ours"]
+    assert sorted(labels) == ["Enhanced (aaaa000000000002)", "Enhanced (step-2)"]
+
+
+def test_labels_are_escaped_for_latex_and_markdown(fixture_models):
+    models, _ = fixture_models
+    spec = report.load_spec("sweep")
+    spec.title = "50% of {a_b} & $x^2$ ~ #1"
+    table = report.build_table(spec, models)
+    table.rows[0].label = "a|b"
+    latex = table.to_latex()
+    assert r"50\% of \{a\_b\} \& \$x\textasciicircum{}2\$ \textasciitilde{} \#1" in latex
+    assert "| a\\|b |" in table.to_markdown()
+
+
+def test_config_hash_ignores_where_a_run_reads_and_writes(make_cfg, tmp_path):
+    base = records.static_record(make_cfg("+experiment=tiny_debug"))["config_hash"]
+    moved = make_cfg("+experiment=tiny_debug", f"paths.output_root={tmp_path / 'other'}", "name=renamed",
+                     f"data.cache_dir={tmp_path / 'cache'}", "eval.data_dir=/elsewhere", run_name="again")
+    assert records.static_record(moved)["config_hash"] == base
+
+
+def test_model_run_finds_the_training_run_of_a_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "final").mkdir(parents=True)
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "results.json").write_text(json.dumps({"config_hash": "h1", "run": {"task": "train",
+                                                                                   "experiment": "sft_tulu3"}}))
+    assert records.model_run(str(run_dir))["checkpoint"] is None
+    assert records.model_run(str(run_dir / "final"))["config_hash"] == "h1"
+    assert records.model_run(str(run_dir / "checkpoints" / "last.ckpt"))["checkpoint"] is None
+    assert records.model_run(str(run_dir / "checkpoints" / "step-4.ckpt"))["checkpoint"] == "step-4"
+    assert records.model_run(str(tmp_path / "elsewhere")) is None
+    (run_dir / "results.json").write_bytes(b"\xff\xfe not json")
+    assert records.model_run(str(run_dir)) is None
 
 
 def test_rows_can_be_filtered_by_tags_and_sweeps(fixture_models):
@@ -83,8 +127,12 @@ def test_unreadable_records_are_skipped_not_fatal(tmp_path, caplog):
     write_fixture_runs(tmp_path / "runs")
     (tmp_path / "runs" / "torn").mkdir()
     (tmp_path / "runs" / "torn" / "results.json").write_text("{not json")
+    (tmp_path / "runs" / "latin1").mkdir()
+    (tmp_path / "runs" / "latin1" / "results.json").write_bytes(b'{"config_hash": "\xe9"}')
+    (tmp_path / "runs" / "old").mkdir()
+    (tmp_path / "runs" / "old" / "results.json").write_text('{"config_hash": "x", "run": "not a dict"}')
     assert len(report.load_local_runs(tmp_path / "runs")) == len(json.loads(FIXTURES.read_text())["runs"])
-    assert "1 unreadable results.json" in caplog.text
+    assert "2 unreadable results.json" in caplog.text
 
 
 def test_tables_through_the_wandb_api_equal_the_local_ones(fixture_models):
@@ -99,8 +147,8 @@ def test_tables_through_the_wandb_api_equal_the_local_ones(fixture_models):
             self.url = "https://wandb.example/run"
 
     class FakeApi:
-        def runs(self, path):
-            assert path == "team/moxin"
+        def runs(self, path, filters=None, lazy=True):
+            assert path == "team/moxin" and filters == {"state": "finished"} and lazy is False
             return [FakeRun(r) for r in local] + [type("Other", (), {"config": {}, "summary": {}, "url": ""})()]
 
     online = report.collect_models(report.load_wandb_runs("moxin", "team", api=FakeApi()))

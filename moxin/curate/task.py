@@ -29,7 +29,7 @@ def prepare_data_task(cfg: DictConfig) -> dict[str, Any]:
 def _log_to_wandb(cfg: DictConfig, manifest: dict[str, Any], plot: str) -> None:
     from moxin.tracking import standalone_wandb_run
 
-    with standalone_wandb_run(cfg, job_type="data") as run:
+    with standalone_wandb_run(cfg) as run:
         if run is None:
             return
         import wandb

@@ -45,6 +45,7 @@ def evaluate_task(cfg: DictConfig) -> dict[str, Any]:
     suite, _ = suite_from_config(cfg.eval)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.tracking.model_run = model_run(cfg.ckpt)  # the row this evaluation fills: in results.json and W&B
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     configure_cpu(cfg.hardware.get("tune_cpu_allocator", False), cfg.hardware.get("onednn_linears", False))
 
@@ -59,13 +60,13 @@ def evaluate_task(cfg: DictConfig) -> dict[str, Any]:
     _log_to_wandb(cfg, suite, results["paper_row"], label)
     return {"paper_row": results["paper_row"], "results": str(path), "run_dir": str(run_dir),
             "metrics": summary_metrics(results["paper_row"], suite),
-            "record": {"run": {"model_run": model_run(cfg.ckpt), "ckpt": str(cfg.ckpt), "model_label": label}}}
+            "record": {"run": {"ckpt": str(cfg.ckpt), "model_label": label}}}
 
 
 def _log_to_wandb(cfg: DictConfig, suite: EvalSuite, row: dict[str, float], label: str) -> None:
     from moxin.tracking import standalone_wandb_run
 
-    with standalone_wandb_run(cfg, job_type="eval") as run:
+    with standalone_wandb_run(cfg) as run:
         if run is not None:
             run.summary.update(summary_metrics(row, suite))
             run.log({f"eval/{suite.name}/table": wandb_table([(label, row)])})
