@@ -161,6 +161,17 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window
     return torch.cat(out, dim=2)
 
 
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One new token per row over its cached keys (decoding on a CPU): q (B, H, 1, D), k/v (B, K, S, D),
+    mask (B, 1, 1, S). Two small batched products, with each group of H / K query heads as rows of
+    one product; for these sizes SDPA's per-call set-up costs more than the arithmetic."""
+    B, H, _, D = q.shape
+    K = k.shape[1]
+    scores = q.view(B, K, H // K, D) @ k.transpose(-1, -2) * D**-0.5  # (B, K, H/K, S)
+    scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
+    return (scores.softmax(dim=-1) @ v).view(B, H, 1, D)
+
+
 def repeat_kv_for_masks(q: torch.Tensor) -> bool:
     """Whether masked grouped-query attention should repeat key/value heads: on CUDA (see Attention)."""
     return q.is_cuda
@@ -194,7 +205,9 @@ class Attention(nn.Module):
             # kernel takes the mask (with enable_gqa only CUDA's math kernel would, storing T x T scores).
             k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
             grouped = False
-        if mask is None and self.sliding_window is not None and T > self.sliding_window:
+        if cache is not None and T == 1 and not q.is_cuda:
+            out = single_query_attention(q, k, v, mask)
+        elif mask is None and self.sliding_window is not None and T > self.sliding_window:
             out = windowed_attention(q, k, v, self.sliding_window, segments)
         else:
             # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head.

@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moxin.model import ModelConfig, Transformer, sliding_window_mask
 from tests.conftest import CONF_DIR
@@ -163,3 +164,14 @@ def test_blockwise_window_attention_equals_the_dense_mask(T, window):
     grads_blocks = torch.autograd.grad(blocks.sum(), (q, k, v))
     for got, want in zip(grads_blocks, grads_dense, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_single_query_attention_equals_sdpa_with_grouped_heads_and_a_mask():
+    from moxin.model import single_query_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 16)
+    mask = torch.rand(3, 1, 1, 10) > 0.4
+    mask[..., 0] = True  # every row sees at least one key
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(single_query_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
