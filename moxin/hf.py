@@ -138,9 +138,14 @@ def load_hf(path: str, dtype: torch.dtype | None = None) -> Transformer:
             for hf_name in shard.keys():
                 if not hf_name.endswith("rotary_emb.inv_freq"):  # recomputed, never learned
                     hf_state[hf_name] = shard.get_tensor(hf_name)
+    return model_from_hf_state(cfg, hf_state, source=path, dtype=dtype)
+
+
+def model_from_hf_state(cfg: ModelConfig, hf_state: dict[str, torch.Tensor], source: str,
+                        dtype: torch.dtype | None = None) -> Transformer:
+    """A Transformer from tensors under Hugging Face names (fused again into wqkv / w13)."""
     if cfg.tie_embeddings:
         hf_state.setdefault("lm_head.weight", hf_state.get("model.embed_tokens.weight"))
-
     with torch.device("meta"):
         model = Transformer(cfg)
     state, used = {}, set()
@@ -148,14 +153,14 @@ def load_hf(path: str, dtype: torch.dtype | None = None) -> Transformer:
         parts = hf_names(name)
         missing = [p for p in parts if p not in hf_state]
         if missing:
-            raise ValueError(f"{path}: missing tensors {missing[:5]} (for {name})")
+            raise ValueError(f"{source}: missing tensors {missing[:5]} (for {name})")
         tensor = torch.cat([hf_state[p] for p in parts]) if len(parts) > 1 else hf_state[parts[0]]
         state[name] = tensor.to(dtype) if dtype is not None else tensor
         used.update(parts)
     unknown = sorted(set(hf_state) - used)
     if unknown:
-        raise ValueError(f"{path}: tensors with no moxin counterpart: {unknown[:5]}")
-    load_state_dict_checked(model, state, source=path)
+        raise ValueError(f"{source}: tensors with no moxin counterpart: {unknown[:5]}")
+    load_state_dict_checked(model, state, source=source)
     return model
 
 
@@ -177,11 +182,8 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
         model.output.weight = model.tok_embeddings.weight
 
 
-def save_hf(model: Transformer, path: str, max_shard_size: str | int = "5GB") -> None:
-    """Write config.json, generation_config.json and safetensors (sharded past max_shard_size)."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-
-    os.makedirs(path, exist_ok=True)
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's tensors under Hugging Face names, fused ones split (CPU, contiguous)."""
     hf_state = {}
     for name, tensor in model.state_dict().items():
         if model.config.tie_embeddings and name == "output.weight":
@@ -190,6 +192,15 @@ def save_hf(model: Transformer, path: str, max_shard_size: str | int = "5GB") ->
         pieces = tensor.detach().split(_fused_sizes(name, model.config)) if len(parts) > 1 else [tensor.detach()]
         for hf_name, piece in zip(parts, pieces, strict=True):
             hf_state[hf_name] = piece.contiguous().cpu()
+    return hf_state
+
+
+def save_hf(model: Transformer, path: str, max_shard_size: str | int = "5GB") -> None:
+    """Write config.json, generation_config.json and safetensors (sharded past max_shard_size)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    os.makedirs(path, exist_ok=True)
+    hf_state = hf_state_dict(model)
     dtype = next(iter(hf_state.values())).dtype
 
     split = split_torch_state_dict_into_shards(hf_state, max_shard_size=max_shard_size)

@@ -46,6 +46,7 @@ def load_tokenizer(name_or_path: str = MISTRAL_V1):
             )
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+        tokenizer.vocab_file = mistral_v1_model_file()  # the SentencePiece model (GGUF export reads it)
     else:
         looks_local = name_or_path.startswith(("/", "./", "../", "~")) or os.path.isdir(name_or_path)
         if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):

@@ -1,0 +1,105 @@
+"""task=quant_eval: what each GGUF quantization type costs, before anyone deploys it.
+
+    python run.py task=quant_eval ckpt=outputs/dpo_tulu3/<time> quant=[q8_0,q4_0] [quant_eval.suite=true]
+
+For each type the model is exported to GGUF (moxin/gguf_export.py), read back and dequantized into
+our model, then measured beside the unquantized one: perplexity on held-out sequences of the `data`
+option's validation split, the file's size and, with quant_eval.suite=true, the accuracy of the
+`eval` suite. Writes quant_eval.json and quant_eval.md in the run folder and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+
+@torch.no_grad()
+def perplexity(model, sequences: list[torch.Tensor], batch_size: int = 8) -> float:
+    """exp(mean next-token cross-entropy) over every position of the sequences."""
+    total, count = 0.0, 0
+    for start in range(0, len(sequences), batch_size):
+        batch = torch.stack(sequences[start:start + batch_size])
+        logits = model(batch[:, :-1]).float()
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        total, count = total + float(loss), count + batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def held_out_sequences(cfg: DictConfig, limit: int) -> list[torch.Tensor]:
+    from hydra.utils import instantiate
+
+    from moxin.data import PretrainDataModule
+
+    data = PretrainDataModule(instantiate(cfg.data))
+    data.prepare_data()
+    data.setup("validate")
+    sequences = [data.val_dataset[i]["input_ids"] for i in range(min(limit, len(data.val_dataset)))]
+    if not sequences:
+        raise ValueError("the data option has no validation sequences to measure perplexity on")
+    return [torch.as_tensor(s, dtype=torch.long) for s in sequences]
+
+
+def quant_eval_task(cfg: DictConfig) -> dict[str, Any]:
+    from moxin.checkpoint import load_model, tokenizer_for
+    from moxin.gguf_export import export_gguf, ggml_type, load_gguf
+
+    if not cfg.ckpt:
+        raise ValueError("task=quant_eval needs ckpt=PATH (a Hugging Face folder, a run folder or a .ckpt)")
+    chosen = cfg.quant if isinstance(cfg.quant, str) else ",".join(cfg.quant)  # quant=[q8_0,q4_0] or "q8_0,q4_0"
+    types = [t.strip().lower() for t in chosen.split(",") if t.strip()]
+    for name in types:
+        ggml_type(name)  # an unknown type fails here, before any work
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(cfg.ckpt).float().eval()
+    tokenizer = tokenizer_for(cfg.ckpt, cfg.data.tokenizer)
+    sequences = held_out_sequences(cfg, cfg.quant_eval.max_sequences)
+
+    rows = {"unquantized (fp32)": {"perplexity": perplexity(model, sequences),
+                                   "megabytes": sum(p.numel() * 4 for p in model.parameters()) / 1e6}}
+    models = {"unquantized (fp32)": model}
+    for name in types:
+        path = export_gguf(model, tokenizer, run_dir / "gguf" / f"model-{name}.gguf", name)
+        restored = load_gguf(path).eval()
+        rows[name] = {"perplexity": perplexity(restored, sequences), "megabytes": path.stat().st_size / 1e6}
+        models[name] = restored
+        print(f"{name}: perplexity {rows[name]['perplexity']:.3f}, {rows[name]['megabytes']:.1f} MB ({path})")
+    if cfg.quant_eval.suite:
+        for name, variant in models.items():
+            rows[name].update(_suite_scores(cfg, variant, tokenizer, run_dir / "suite" / name.split()[0]))
+
+    table = markdown_table(rows, len(sequences))
+    print(table)
+    (run_dir / "quant_eval.md").write_text(table)
+    (run_dir / "quant_eval.json").write_text(json.dumps(rows, indent=2))
+    metrics = {f"quant/{name.split()[0]}/{key}": value for name, row in rows.items() for key, value in row.items()}
+    return {"table": table, "metrics": metrics, "run_dir": str(run_dir)}
+
+
+def _suite_scores(cfg: DictConfig, model, tokenizer, work_dir: Path) -> dict[str, float]:
+    """The `eval` suite's paper row for a model held in memory."""
+    from moxin.eval.commands import suite_from_config
+    from moxin.eval.lm import MoxinLM
+    from moxin.eval.runner import run_suite
+
+    suite, _ = suite_from_config(cfg.eval)
+    lm = MoxinLM(model=model, tokenizer=tokenizer, batch_size=suite.batch_size, max_length=suite.max_length,
+                 max_gen_toks=suite.max_gen_toks)
+    row = run_suite(lm, suite, work_dir)["paper_row"]
+    return {f"eval/{suite.name}/{column}": value for column, value in row.items()}
+
+
+def markdown_table(rows: dict[str, dict[str, float]], sequences: int) -> str:
+    columns = list(dict.fromkeys(key for row in rows.values() for key in row))
+    lines = [f"**Quantization cost (perplexity on {sequences} held-out sequences)**", "",
+             "| type | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, row in rows.items():
+        cells = ["–" if row.get(c) is None else f"{row[c]:.3f}" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
