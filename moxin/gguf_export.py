@@ -113,9 +113,25 @@ def _vocabulary(tokenizer) -> tuple[list[bytes], list[float], list[int]]:
             kind = gguf.TokenType.UNKNOWN
         elif processor.is_control(i):
             kind = gguf.TokenType.CONTROL
+        elif processor.is_unused(i):
+            kind = gguf.TokenType.UNUSED
         elif processor.is_byte(i):
             kind = gguf.TokenType.BYTE
         types.append(int(kind))
+    return pieces, scores, types
+
+
+def _fit_vocabulary(pieces: list[bytes], scores: list[float], types: list[int], rows: int):
+    """Pad the vocabulary with unused [PADn] tokens up to the embedding's rows, as llama.cpp's converter
+    does; a vocabulary larger than the embedding is an error."""
+    import gguf
+
+    if len(pieces) > rows:
+        raise ValueError(f"the tokenizer has {len(pieces)} tokens but the model's embedding only {rows} rows")
+    for i in range(len(pieces), rows):
+        pieces.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(int(gguf.TokenType.UNUSED))
     return pieces, scores, types
 
 
@@ -124,9 +140,20 @@ def export_gguf(model: Transformer, tokenizer, path: str | Path, type_name: str 
     """Write `model` as one GGUF file of `type_name` (f32, f16, q8_0, q5_0, q4_0, q4_1)."""
     import gguf
 
-    qtype, cfg, path = ggml_type(type_name), model.config, Path(path)
+    qtype, path = ggml_type(type_name), Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), ARCH)
+    try:
+        _write(writer, model, tokenizer, qtype, type_name, name, chat_template)
+    finally:
+        writer.close()
+    return path
+
+
+def _write(writer, model: Transformer, tokenizer, qtype, type_name: str, name: str, chat_template: str | None) -> None:
+    import gguf
+
+    cfg = model.config
     writer.add_name(name)
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.dim)
@@ -140,10 +167,13 @@ def export_gguf(model: Transformer, tokenizer, path: str | Path, type_name: str 
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     if cfg.sliding_window:
+        # Read by our load_gguf; llama.cpp's `llama` arch may attend over the whole context instead,
+        # which equals the window up to W tokens (4,096 for Moxin-7B).
         writer.add_sliding_window(cfg.sliding_window)
     writer.add_file_type(int(gguf.LlamaFileType[f"MOSTLY_{type_name.upper()}"]) if type_name != "f32"
                          else int(gguf.LlamaFileType.ALL_F32))
-    pieces, scores, types = _vocabulary(tokenizer)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    pieces, scores, types = _fit_vocabulary(*_vocabulary(tokenizer), rows=cfg.vocab_size)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(pieces)
     writer.add_token_scores(scores)
@@ -165,17 +195,15 @@ def export_gguf(model: Transformer, tokenizer, path: str | Path, type_name: str 
         elif hf_name.endswith("k_proj.weight"):
             data = permute_for_llama_cpp(data, cfg.n_kv_heads)
         block = gguf.GGML_QUANT_SIZES[qtype][0]
-        if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32 or data.shape[-1] % block:
-            writer.add_tensor(gguf_name(hf_name), data.astype(np.float32))  # norms (and odd rows) stay F32
-        elif qtype == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(gguf_name(hf_name), data.astype(np.float16))
+        if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(gguf_name(hf_name), data.astype(np.float32))  # norms stay F32
+        elif qtype == gguf.GGMLQuantizationType.F16 or data.shape[-1] % block:
+            writer.add_tensor(gguf_name(hf_name), data.astype(np.float16))  # rows that blocks don't divide: F16
         else:
             writer.add_tensor(gguf_name(hf_name), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def _field(reader, key: str):
@@ -202,7 +230,7 @@ def config_from_gguf(reader) -> ModelConfig:
         rope_theta=float(_field(reader, f"{ARCH}.rope.freq_base")),
         sliding_window=window.contents() if window is not None else None,
         max_seq_len=_field(reader, f"{ARCH}.context_length"),
-        tie_embeddings=False,
+        tie_embeddings=all(t.name != "output.weight" for t in reader.tensors),  # llama.cpp: no output = tied
     )
 
 

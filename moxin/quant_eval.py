@@ -10,6 +10,7 @@ option's validation split, the file's size and, with quant_eval.suite=true, the 
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from pathlib import Path
@@ -20,18 +21,22 @@ from omegaconf import DictConfig
 
 
 @torch.no_grad()
-def perplexity(model, sequences: list[torch.Tensor], batch_size: int = 8) -> float:
-    """exp(mean next-token cross-entropy) over every position of the sequences."""
+def perplexity(model, sequences: list[dict[str, torch.Tensor]], batch_size: int = 8) -> float:
+    """exp(mean next-token cross-entropy) of held-out items (input_ids and their labels, as the
+    trainer's validation sees them)."""
     total, count = 0.0, 0
     for start in range(0, len(sequences), batch_size):
-        batch = torch.stack(sequences[start:start + batch_size])
-        logits = model(batch[:, :-1]).float()
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-        total, count = total + float(loss), count + batch[:, 1:].numel()
+        items = sequences[start:start + batch_size]
+        inputs, labels = (torch.stack([torch.as_tensor(i[k], dtype=torch.long) for i in items])
+                          for k in ("input_ids", "labels"))
+        logits = model(inputs).float()
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum",
+                                                 ignore_index=-100)
+        total, count = total + float(loss), count + int((labels != -100).sum())
     return math.exp(total / count)
 
 
-def held_out_sequences(cfg: DictConfig, limit: int) -> list[torch.Tensor]:
+def held_out_sequences(cfg: DictConfig, limit: int) -> list[dict[str, torch.Tensor]]:
     from hydra.utils import instantiate
 
     from moxin.data import PretrainDataModule
@@ -39,10 +44,10 @@ def held_out_sequences(cfg: DictConfig, limit: int) -> list[torch.Tensor]:
     data = PretrainDataModule(instantiate(cfg.data))
     data.prepare_data()
     data.setup("validate")
-    sequences = [data.val_dataset[i]["input_ids"] for i in range(min(limit, len(data.val_dataset)))]
+    sequences = [data.val_dataset[i] for i in range(min(limit, len(data.val_dataset)))]
     if not sequences:
         raise ValueError("the data option has no validation sequences to measure perplexity on")
-    return [torch.as_tensor(s, dtype=torch.long) for s in sequences]
+    return sequences
 
 
 def quant_eval_task(cfg: DictConfig) -> dict[str, Any]:
@@ -61,18 +66,21 @@ def quant_eval_task(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = tokenizer_for(cfg.ckpt, cfg.data.tokenizer)
     sequences = held_out_sequences(cfg, cfg.quant_eval.max_sequences)
 
-    rows = {"unquantized (fp32)": {"perplexity": perplexity(model, sequences),
-                                   "megabytes": sum(p.numel() * 4 for p in model.parameters()) / 1e6}}
-    models = {"unquantized (fp32)": model}
-    for name in types:
+    def measure(name: str, variant, megabytes: float) -> dict[str, float]:
+        row = {"perplexity": perplexity(variant, sequences), "megabytes": megabytes}
+        if cfg.quant_eval.suite:
+            row.update(_suite_scores(cfg, variant, tokenizer, run_dir / "suite" / name.split()[0]))
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+        return row
+
+    rows = {"unquantized (fp32)": measure("unquantized (fp32)", model,
+                                         sum(p.numel() * 4 for p in model.parameters()) / 1e6)}
+    for name in types:  # one dequantized copy at a time: a 7B model is 28 GB in fp32
         path = export_gguf(model, tokenizer, run_dir / "gguf" / f"model-{name}.gguf", name)
         restored = load_gguf(path).eval()
-        rows[name] = {"perplexity": perplexity(restored, sequences), "megabytes": path.stat().st_size / 1e6}
-        models[name] = restored
-        print(f"{name}: perplexity {rows[name]['perplexity']:.3f}, {rows[name]['megabytes']:.1f} MB ({path})")
-    if cfg.quant_eval.suite:
-        for name, variant in models.items():
-            rows[name].update(_suite_scores(cfg, variant, tokenizer, run_dir / "suite" / name.split()[0]))
+        rows[name] = measure(name, restored, path.stat().st_size / 1e6)
+        del restored
+        gc.collect()
 
     table = markdown_table(rows, len(sequences))
     print(table)

@@ -34,8 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Settings that change where a run writes or how it reports, not what it computes.
-VOLATILE_KEYS = ("paths", "progress_bar", "resume", "logger", "tracking", "hydra", "objective", "report", "table",
-                 "quant", "quant_eval")
+VOLATILE_KEYS = ("paths", "progress_bar", "resume", "logger", "tracking", "hydra", "objective", "report", "table")
 PACKAGES = ("moxin", "torch", "lightning", "transformers", "datasets", "tokenizers", "lm_eval", "trl",
             "hydra-core", "omegaconf", "numpy", "math-verify", "datasketch", "wandb")
 

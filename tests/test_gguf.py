@@ -93,3 +93,22 @@ def test_quant_eval_reports_perplexity_and_size_for_each_type(make_cfg, tmp_path
     assert "| q4_0 |" in out["table"] and (tmp_path / "quant" / "gguf" / "model-q4_0.gguf").is_file()
     with pytest.raises(ValueError, match="q9"):
         run(make_cfg("task=quant_eval", f"ckpt={trained['run_dir']}", "quant=q9", run_name="bad"))
+
+
+def test_tied_embeddings_and_a_padded_vocabulary_round_trip(tmp_path):
+    import dataclasses
+
+    torch.manual_seed(0)
+    tied = Transformer(dataclasses.replace(CFG, vocab_size=32064, tie_embeddings=True)).eval()
+    path = export_gguf(tied, load_tokenizer(), tmp_path / "tied.gguf", "f32")
+    reader = gguf.GGUFReader(str(path))
+    tokens = reader.get_field("tokenizer.ggml.tokens").contents()
+    assert len(tokens) == 32064 and tokens[-1] == "[PAD32063]"  # unused pads, as llama.cpp's converter writes
+    assert "output.weight" not in {t.name for t in reader.tensors}
+    back = load_gguf(path)
+    assert back.config.tie_embeddings and back.output.weight is back.tok_embeddings.weight
+    ids = torch.randint(0, 32064, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), tied(ids))
+    with pytest.raises(ValueError, match="32000 tokens but the model's embedding only 100 rows"):
+        export_gguf(Transformer(dataclasses.replace(CFG, vocab_size=100)), load_tokenizer(), tmp_path / "x.gguf")
