@@ -34,7 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Settings that change where a run writes or how it reports, not what it computes.
-VOLATILE_KEYS = ("paths", "progress_bar", "resume", "logger", "tracking", "hydra", "objective", "report", "table")
+VOLATILE_KEYS = ("paths", "progress_bar", "resume", "logger", "tracking", "hydra", "objective", "report", "table",
+                 "release")
 PACKAGES = ("moxin", "torch", "lightning", "transformers", "datasets", "tokenizers", "lm_eval", "trl",
             "hydra-core", "omegaconf", "numpy", "math-verify", "datasketch", "wandb")
 

@@ -33,6 +33,7 @@ from moxin.model import ModelConfig
 from moxin.modules import MODULES
 from moxin.quant_eval import quant_eval_task
 from moxin.records import data_manifest, scalar_metrics, write_run_record
+from moxin.release import release_task
 from moxin.report import report_task
 from moxin.system import configure_cpu
 from moxin.tokenizer import load_tokenizer
@@ -291,5 +292,5 @@ def report(metrics: dict, run_dir: Path, final_dir: Path) -> None:
 
 TASKS = {"train": train, "generate": generate_task, "chat": chat_task, "evaluate": evaluate_task,
          "eval_data": eval_data_task, "prepare_data": prepare_data_task, "report": report_task,
-         "quant_eval": quant_eval_task}
+         "quant_eval": quant_eval_task, "release": release_task}
 

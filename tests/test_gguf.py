@@ -79,7 +79,7 @@ def test_unknown_type_is_refused(model, tmp_path):
 
 
 @pytest.mark.slow
-def test_quant_eval_reports_perplexity_and_size_for_each_type(make_cfg, tmp_path):
+def test_quant_eval_reports_perplexity_and_size_for_each_type(make_cfg, tmp_path, eval_data_dir):
     from moxin.train import run
 
     trained = run(make_cfg("+experiment=tiny_debug", "phase.max_steps=8", run_name="trained"))
@@ -91,6 +91,14 @@ def test_quant_eval_reports_perplexity_and_size_for_each_type(make_cfg, tmp_path
     assert abs(q8 - fp32) / fp32 < 0.01 and abs(q4 - fp32) > abs(q8 - fp32)  # 4 bits cost more than 8
     assert rows["q4_0"]["megabytes"] < rows["q8_0"]["megabytes"] < rows["unquantized (fp32)"]["megabytes"]
     assert "| q4_0 |" in out["table"] and (tmp_path / "quant" / "gguf" / "model-q4_0.gguf").is_file()
+    with_suite = run(make_cfg("task=quant_eval", f"ckpt={trained['run_dir']}", "quant=[q4_0]",
+                              "quant_eval.max_sequences=4", "quant_eval.suite=true", "eval=zeroshot",
+                              f"eval.data_dir={eval_data_dir}", "eval.limit=4",
+                              "eval.tasks=[{name: arc_easy, num_fewshot: 0, metric: acc_norm, column: ARC-E}]",
+                              run_name="quant_suite"))
+    suite_rows = json.loads((tmp_path / "quant_suite" / "quant_eval.json").read_text())
+    assert all(0 <= row["eval/zeroshot/ARC-E"] <= 100 for row in suite_rows.values())  # accuracy for each type
+    assert "eval/zeroshot/ARC-E" in with_suite["table"]
     with pytest.raises(ValueError, match="q9"):
         run(make_cfg("task=quant_eval", f"ckpt={trained['run_dir']}", "quant=q9", run_name="bad"))
 
