@@ -6,6 +6,8 @@ For each type the model is exported to GGUF (moxin/gguf_export.py), read back an
 our model, then measured beside the unquantized one: perplexity on held-out sequences of the `data`
 option's validation split, the file's size and, with quant_eval.suite=true, the accuracy of the
 `eval` suite. Writes quant_eval.json and quant_eval.md in the run folder and prints the table.
+An instruct or reasoning model is measured on its own kind of data: pick an SFT data option
+(e.g. +experiment=cot_sft_openr1), whose replies only are scored.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def perplexity(model, sequences: list[dict[str, torch.Tensor]], batch_size: int 
         items = sequences[start:start + batch_size]
         inputs, labels = (torch.stack([torch.as_tensor(i[k], dtype=torch.long) for i in items])
                           for k in ("input_ids", "labels"))
-        logits = model(inputs).float()
+        segments = torch.stack([i["segments"] for i in items]) if "segments" in items[0] else None
+        logits = model(inputs, segments=segments).float()  # packed chat rows: each conversation alone
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum",
                                                  ignore_index=-100)
         total, count = total + float(loss), count + int((labels != -100).sum())
@@ -40,8 +43,13 @@ def held_out_sequences(cfg: DictConfig, limit: int) -> list[dict[str, torch.Tens
     from hydra.utils import instantiate
 
     from moxin.data import PretrainDataModule
+    from moxin.data.chat_data import ChatDataConfig, chat_datamodule
 
-    data = PretrainDataModule(instantiate(cfg.data))
+    data_cfg = instantiate(cfg.data)
+    if isinstance(data_cfg, ChatDataConfig) and data_cfg.format != "sft":
+        raise ValueError(f"quant_eval measures perplexity on text or SFT conversations; data.format is "
+                         f"{data_cfg.format!r} (pick a pretraining or SFT data option)")
+    data = chat_datamodule(data_cfg) if isinstance(data_cfg, ChatDataConfig) else PretrainDataModule(data_cfg)
     data.prepare_data()
     data.setup("validate")
     sequences = [data.val_dataset[i] for i in range(min(limit, len(data.val_dataset)))]

@@ -120,3 +120,16 @@ def test_tied_embeddings_and_a_padded_vocabulary_round_trip(tmp_path):
         torch.testing.assert_close(back(ids), tied(ids))
     with pytest.raises(ValueError, match="32000 tokens but the model's embedding only 100 rows"):
         export_gguf(Transformer(dataclasses.replace(CFG, vocab_size=100)), load_tokenizer(), tmp_path / "x.gguf")
+
+
+def test_quant_eval_measures_chat_models_on_sft_data_and_refuses_pairs(make_cfg):
+    from moxin.quant_eval import held_out_sequences, perplexity
+
+    items = held_out_sequences(make_cfg("+experiment=cot_sft_openr1", "+scale=tiny"), limit=3)
+    assert len(items) == 3 and {"input_ids", "labels", "segments"} <= set(items[0])
+    assert (items[0]["labels"] != -100).any() and (items[0]["labels"] == -100).any()  # replies only
+    model = Transformer(ModelConfig(vocab_size=32000, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                                    hidden_dim=64, max_seq_len=4096)).eval()
+    assert 1.0 < perplexity(model, items) < 1e6
+    with pytest.raises(ValueError, match="preference"):
+        held_out_sequences(make_cfg("+experiment=dpo_tulu3", "+scale=tiny"), limit=3)
