@@ -145,12 +145,31 @@ def data_card(name: str, stages: list[dict[str, Any]]) -> str:
             lines.append(f"\n- {source}: {figures}")
         manifest_path = (record.get("data_manifest") or {}).get("path")
         manifest = _read_json(Path(manifest_path)) if manifest_path and manifest_path.endswith("manifest.json") else {}
-        for key in ("filters", "dedup", "decontamination"):
-            if key in manifest:
-                lines.append(f"- {key}: `{json.dumps(manifest[key], default=str)[:400]}`")
+        lines += curation_figures(manifest)
         lines.append(f"- data manifest hash: {(record.get('data_manifest') or {}).get('hash')}")
         lines.append("")
     return "\n".join(lines)
+
+
+def curation_figures(manifest: dict[str, Any]) -> list[str]:
+    """From a curation manifest (moxin/curate): documents left after each stage (quality filters, exact
+    and near dedup, decontamination), the reasons for removals, and the contamination hits."""
+    from moxin.curate.pipeline import STAGES
+
+    sources = manifest.get("sources") or {}
+    if not sources:
+        return []
+    lines = ["", "Curation: documents left after each stage", "", "| source | " + " | ".join(STAGES) + " |",
+             "|---" * (len(STAGES) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{s.get('documents', {}).get(stage, 0):,}" for stage in STAGES) + " |"
+              for name, s in sources.items()]
+    removed = [(name, stage, reason, count) for name, s in sources.items()
+               for stage, reasons in (s.get("removed") or {}).items() for reason, count in reasons.items()]
+    lines += ["", "| source | stage | removed for | documents |", "|---|---|---|---:|"]
+    lines += [f"| {n} | {stage} | {reason} | {count:,} |" for n, stage, reason, count in removed]
+    lines += ["", f"- contamination: {len(manifest.get('contamination') or [])} documents matched evaluation items "
+              "and were removed", ""]
+    return lines
 
 
 def _read_json(path: Path) -> dict:

@@ -105,3 +105,20 @@ def test_a_release_needs_a_run_and_a_name(make_cfg, tmp_path):
         {"config_hash": "h", "run": {"task": "train", "experiment": "my_own"}}))
     with pytest.raises(ValueError, match="no release name for experiment 'my_own'"):
         run(make_cfg("task=release", f"ckpt={tmp_path / 'trained'}"))
+
+
+def test_data_card_reports_the_curation_manifests_figures(tmp_path):
+    from moxin.release import data_card
+
+    manifest = {"sources": {"web": {"documents": {"read": 100, "filter": 80, "exact_dedup": 70, "near_dedup": 60,
+                                                  "decontaminate": 59, "budget": 59},
+                                    "removed": {"filter": {"too_short": 20}, "near_dedup": {"near_duplicate": 10}}}},
+                "contamination": [{"source": "web", "index": 3}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    stage = {"run": {"experiment": "phase1_2k"}, "config": {"data": {"sources": [{"name": "web", "kind": "hf",
+                                                                                    "path": "org/web"}]}},
+             "data_manifest": {"path": str(tmp_path / "manifest.json"), "hash": "abc"}, "run_dir": str(tmp_path)}
+    card = data_card("Moxin-Test", [stage])
+    assert "| web | 100 | 80 | 70 | 60 | 59 | 59 |" in card
+    assert "| web | filter | too_short | 20 |" in card and "| web | near_dedup | near_duplicate | 10 |" in card
+    assert "contamination: 1 documents" in card and "data manifest hash: abc" in card and "org/web" in card
