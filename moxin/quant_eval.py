@@ -102,13 +102,12 @@ def _suite_scores(cfg: DictConfig, model, tokenizer, work_dir: Path) -> dict[str
     """The `eval` suite's paper row for a model held in memory."""
     from moxin.eval.commands import suite_from_config
     from moxin.eval.lm import MoxinLM
-    from moxin.eval.runner import run_suite
+    from moxin.eval.runner import run_suite, summary_metrics
 
     suite, _ = suite_from_config(cfg.eval)
     lm = MoxinLM(model=model, tokenizer=tokenizer, batch_size=suite.batch_size, max_length=suite.max_length,
                  max_gen_toks=suite.max_gen_toks)
-    row = run_suite(lm, suite, work_dir)["paper_row"]
-    return {f"eval/{suite.name}/{column}": value for column, value in row.items()}
+    return summary_metrics(run_suite(lm, suite, work_dir)["paper_row"], suite)
 
 
 def markdown_table(rows: dict[str, dict[str, float]], sequences: int) -> str:

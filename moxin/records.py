@@ -53,10 +53,15 @@ def _is_path_key(key: str) -> bool:
 
 
 def _without_paths(value: Any) -> Any:
+    return _pruned(value, _is_path_key)
+
+
+def _pruned(value: Any, drop) -> Any:
+    """value with every dict entry whose key `drop(key)` accepts removed, at any depth."""
     if isinstance(value, dict):
-        return {k: _without_paths(v) for k, v in value.items() if not _is_path_key(str(k))}
+        return {k: _pruned(v, drop) for k, v in value.items() if not drop(str(k))}
     if isinstance(value, list):
-        return [_without_paths(v) for v in value]
+        return [_pruned(v, drop) for v in value]
     return value
 
 
@@ -132,20 +137,12 @@ def data_manifest(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     summary = run_dir / "data.json"
     if summary.is_file():
         try:
-            content = _without_keys(json.loads(summary.read_text()), {"cached"})
+            content = _pruned(json.loads(summary.read_text()), lambda key: key == "cached")
         except (OSError, ValueError):
             return {"path": str(summary), "hash": None}
         digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return {"path": str(summary), "hash": digest}
     return {"path": None, "hash": None}
-
-
-def _without_keys(value: Any, keys: set[str]) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_keys(v, keys) for k, v in value.items() if k not in keys}
-    if isinstance(value, list):
-        return [_without_keys(v, keys) for v in value]
-    return value
 
 
 def option_choices(cfg: DictConfig) -> dict[str, str]:

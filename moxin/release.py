@@ -89,11 +89,11 @@ def _open_data(stages: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
 
 
 def _evaluations(record: dict[str, Any], runs_root: str | None) -> dict[str, float]:
-    from moxin.report import collect_models, load_local_runs
+    from moxin.report import collect_models, load_local_runs, model_key
 
     if not runs_root or not Path(runs_root).is_dir():
         return {}
-    key = f"{record['config_hash']}@final"
+    key = model_key(record["config_hash"])
     for model in collect_models(load_local_runs(runs_root)):
         if model.key == key:
             return {k: v for k, v in model.metrics.items() if k.startswith("eval/")}
@@ -247,7 +247,7 @@ def release_task(cfg: DictConfig) -> dict[str, Any]:
     folder = Path(options.out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(cfg.ckpt).float(), tokenizer_for(cfg.ckpt, cfg.data.tokenizer)
-    chat = stages[-1]["run"].get("phase") in CHAT_PHASES or any(p in str(experiment) for p in CHAT_PHASES)
+    chat = ((stages[-1].get("config") or {}).get("phase") or {}).get("module") in CHAT_PHASES  # the module trained
     model.save_hf(str(folder), max_shard_size=options.max_shard_size)
     save_tokenizer(tokenizer, folder, chat_template=CHAT_TEMPLATE if chat else None)
 

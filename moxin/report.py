@@ -142,15 +142,20 @@ class ModelRuns:
     train_dir: str | None = None  # the training run's folder (its CSV log: loss curves)
 
 
+def model_key(config_hash: str, checkpoint: str | None = None) -> str:
+    """A model's key: its training run's config hash and which weights ("final" or a .ckpt's name)."""
+    return f"{config_hash}@{checkpoint or 'final'}"
+
+
 def _model_of(record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The key of the model a record measures, and what names it (the record's run, or the run it evaluated)."""
     run = record["run"]
     if run.get("task") == "evaluate":
         target = run.get("model_run")
         if isinstance(target, dict) and target.get("config_hash"):
-            return f"{target['config_hash']}@{target.get('checkpoint') or 'final'}", target
+            return model_key(target["config_hash"], target.get("checkpoint")), target
         return f"ckpt:{run.get('ckpt') or record.get('run_dir')}", run  # a model from elsewhere: by its name
-    return f"{record['config_hash']}@final", {**run, "config_hash": record["config_hash"]}
+    return model_key(record["config_hash"]), {**run, "config_hash": record["config_hash"]}
 
 
 def collect_models(records: list[dict[str, Any]]) -> list[ModelRuns]:
@@ -436,7 +441,7 @@ def report_task(cfg) -> dict[str, Any]:
     written: dict[str, dict[str, str]] = {}
     tables = {}
     for name in names:
-        table = build_table(load_spec(name, tables_dir), models, sweep=options.sweep, tags=list(options.tags))
+        table = build_table(load_spec(name, tables_dir), models, sweep=options.sweep)  # models: tag-filtered
         tables[name] = table
         written[name] = write_table(table, out_dir, plots=options.plots)
         print(table.to_markdown())
