@@ -4,10 +4,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+COLOSSALAI_STAMP := $(VENV)/.colossalai
 TORCH  := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint clean strip-notebooks
+.PHONY: install install-colossalai demo test lint clean strip-notebooks
 
 install: $(STAMP)
 
@@ -17,10 +18,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# Colossal-AI 0.5.0 pins torch<=2.5.1 and transformers 4.51.3: installed without its dependencies,
+# then the modules it imports at run time. Its TorchDDPPlugin and HybridParallelPlugin(tp=1) run on
+# this torch (hardware=colossalai_ddp / colossalai_hybrid); ZeRO and Gemini need CUDA.
+install-colossalai: $(COLOSSALAI_STAMP)
+
+$(COLOSSALAI_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps colossalai==0.5.0
+	$(PY) -m pip install --quiet -c constraints.txt 'peft>=0.13' einops galore-torch==1.0
+	touch $(COLOSSALAI_STAMP)
+
 demo: $(STAMP)
 	$(PY) run.py
 
-test: $(STAMP)
+test: $(STAMP) $(COLOSSALAI_STAMP)  # the suite runs the Colossal-AI strategy tests too
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -31,6 +31,7 @@ from moxin.interactive import chat_task, generate_task
 from moxin.kernels import onednn_enabled, use_onednn_linears
 from moxin.model import ModelConfig
 from moxin.modules import MODULES
+from moxin.parallel import ParallelConfig, build_strategy, exportable_model, world_size
 from moxin.quant_eval import quant_eval_task
 from moxin.records import data_manifest, scalar_metrics, write_run_record
 from moxin.release import release_task
@@ -71,18 +72,29 @@ def model_config_for_context(model: ModelConfig, context: DictConfig) -> ModelCo
     return model
 
 
+def is_checkpoint(path: str) -> bool:
+    """A checkpoint file, or a complete sharded checkpoint folder (FSDP: DCP's .metadata plus Lightning's
+    meta.pt; Colossal-AI: meta.pt, written last). A folder cut short by a kill lacks them and is skipped."""
+    if os.path.isfile(path):
+        return True
+    return os.path.isfile(os.path.join(path, "meta.pt"))
+
+
 def find_resume_checkpoint(resume: str | None, search_dir: str) -> str | None:
-    """`null`: fresh start; `auto`: the newest *.ckpt under search_dir (if any); else a path."""
+    """`null`: fresh start; `auto`: the newest checkpoint under search_dir (if any); else a path."""
     if resume in (None, "", "none"):
         return None
     if resume == "auto" and _in_multirun():
         raise ValueError("resume=auto is ambiguous in a multirun sweep (every job would take the same "
                          "checkpoint); give each job its checkpoint path, or resume jobs one by one")
     if resume != "auto":
-        if not os.path.isfile(resume):
+        if not os.path.exists(resume):
             raise FileNotFoundError(f"resume={resume!r}: no such checkpoint file")
+        if not is_checkpoint(resume):
+            raise FileNotFoundError(f"resume={resume!r}: a folder without meta.pt is not a complete checkpoint")
         return resume
-    found = glob.glob(os.path.join(search_dir, "**", "*.ckpt"), recursive=True)
+    found = [path for path in glob.glob(os.path.join(search_dir, "**", "*.ckpt"), recursive=True)
+             if is_checkpoint(path)]
     return max(found, key=os.path.getmtime) if found else None
 
 
@@ -105,12 +117,37 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
+def parallel_config(hw: DictConfig) -> ParallelConfig:
+    """The hardware option's strategy and memory/speed switches, typed."""
+    options = {key: OmegaConf.to_container(hw[key], resolve=True) if OmegaConf.is_config(hw[key]) else hw[key]
+               for key in ("strategy", "activation_checkpointing", "compile", "compile_backend", "fsdp", "colossalai")
+               if key in hw}
+    return ParallelConfig(**options)
+
+
+def accumulation(cfg: DictConfig, processes: int) -> int:
+    """phase.accumulate_grad_batches, or the count that makes phase.global_batch_tokens tokens per
+    optimizer step from micro-batches of context.micro_batch_size x context.seq_len on every process."""
+    target = cfg.phase.get("global_batch_tokens")
+    if not target:
+        return cfg.phase.accumulate_grad_batches
+    per_micro_step = cfg.context.micro_batch_size * cfg.context.seq_len * processes
+    if target % per_micro_step:
+        raise ValueError(f"phase.global_batch_tokens={target} is not a multiple of the tokens of one micro-batch "
+                         f"on every process ({cfg.context.micro_batch_size} x {cfg.context.seq_len} tokens x "
+                         f"{processes} processes = {per_micro_step}); change it or context.micro_batch_size")
+    return target // per_micro_step
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callbacks: list,
-                  max_epochs: int | None = None) -> L.Trainer:
+                  max_epochs: int | None = None, parallel: ParallelConfig | None = None) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
     phase, hw = cfg.phase, cfg.hardware
-    accumulate = phase.accumulate_grad_batches
+    parallel = parallel or parallel_config(hw)
+    processes = world_size(hw.accelerator, hw.devices, hw.num_nodes)
+    accumulate = accumulation(cfg, processes)
+    strategy, gradient_clip_val = build_strategy(parallel, processes, phase.gradient_clip_val)
     callbacks = [
         *callbacks,
         ThroughputMonitor(model_cfg.flops_per_token(cfg.context.seq_len), hw.peak_tflops),
@@ -126,13 +163,14 @@ def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callba
     if cfg.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     return L.Trainer(
-        accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes, strategy=hw.strategy,
+        accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes, strategy=strategy,
         precision=hw.precision, max_steps=phase.max_steps, max_epochs=max_epochs, accumulate_grad_batches=accumulate,
-        gradient_clip_val=phase.gradient_clip_val, val_check_interval=phase.val_every_steps * accumulate,
+        gradient_clip_val=gradient_clip_val, val_check_interval=phase.val_every_steps * accumulate,
         check_val_every_n_epoch=None, limit_val_batches=phase.limit_val_batches, num_sanity_val_steps=0,
         log_every_n_steps=phase.log_every_steps, logger=build_loggers(cfg, run_dir) or False,
         callbacks=callbacks, enable_progress_bar=cfg.progress_bar, enable_model_summary=cfg.progress_bar,
         default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # the data modules shard by rank themselves, in order (moxin/data/datamodule.py)
     )
 
 
@@ -154,9 +192,10 @@ def init_weights(module, init_from: str, state: dict) -> None:
     print(f"Initialised the weights from {init_from}")
 
 
-def build_module(cfg: DictConfig, model_cfg: ModelConfig, data_cfg):
+def build_module(cfg: DictConfig, model_cfg: ModelConfig, data_cfg, parallel: ParallelConfig | None = None):
     """The phase's LightningModule, after checking that the data is the kind it trains on."""
     name = cfg.phase.module
+    parallel = parallel or ParallelConfig()
     if name not in MODULES:
         raise ValueError(f"phase.module={name!r} is not one of {sorted(MODULES)}")
     module_class = MODULES[name]
@@ -164,14 +203,24 @@ def build_module(cfg: DictConfig, model_cfg: ModelConfig, data_cfg):
     if data_format != module_class.data_format:
         raise ValueError(f"phase.module={name} trains on {module_class.data_format} data, but the data option gives "
                          f"{data_format} data; pick a matching data option (see conf/data/)")
+    if module_class.generates and parallel.shards_parameters:
+        raise ValueError(f"phase.module={name} samples rollouts on each rank on its own, which a strategy that "
+                         f"shards the parameters ({parallel.strategy}) cannot run; use hardware=ddp or "
+                         "colossalai_zero2")
     options = {key: instantiate(cfg.phase[key]) for key in module_class.phase_options if key in cfg.phase}
-    return module_class(model_cfg, instantiate(cfg.phase.optimizer),
-                        nonfinite_loss=cfg.phase.get("nonfinite_loss", "stop"), **options)
+    module = module_class(model_cfg, instantiate(cfg.phase.optimizer),
+                          nonfinite_loss=cfg.phase.get("nonfinite_loss", "stop"), **options)
+    module.parallel = parallel
+    return module
 
 
-def eval_callbacks(cfg: DictConfig, tokenizer, run_dir: Path) -> list:
+def eval_callbacks(cfg: DictConfig, tokenizer, run_dir: Path, parallel: ParallelConfig) -> list:
     """The `eval` suite every eval.every_n_steps optimizer steps (none when 0)."""
     suite, every_n_steps = suite_from_config(cfg.eval)
+    if every_n_steps > 0 and parallel.shards_parameters:
+        raise ValueError(f"eval.every_n_steps runs the model on rank 0 alone, which hardware.strategy="
+                         f"{parallel.strategy} cannot do (no rank holds the whole model); set eval.every_n_steps=0 "
+                         "and evaluate the saved checkpoints with task=evaluate")
     return [EvalCallback(suite, every_n_steps, tokenizer, run_dir)] if every_n_steps > 0 else []
 
 
@@ -187,14 +236,16 @@ def train(cfg: DictConfig) -> dict:
     if data_cfg.warning:
         logging.getLogger(__name__).warning("data mix: %s", data_cfg.warning)
         print(f"WARNING (data mix): {data_cfg.warning}")
-    module = build_module(cfg, model_cfg, data_cfg)
+    parallel = parallel_config(cfg.hardware)
+    module = build_module(cfg, model_cfg, data_cfg, parallel)
     chat = isinstance(data_cfg, ChatDataConfig)
     datamodule = chat_datamodule(data_cfg) if chat else PretrainDataModule(data_cfg)
-    callbacks = eval_callbacks(cfg, load_tokenizer(data_cfg.tokenizer), run_dir)
+    callbacks = eval_callbacks(cfg, load_tokenizer(data_cfg.tokenizer), run_dir, parallel)
     # Post-training runs one pass over its data (data.epochs passes of it) unless max_steps stops it sooner.
-    trainer = build_trainer(cfg, run_dir, model_cfg, callbacks=callbacks, max_epochs=1 if chat else None)
+    trainer = build_trainer(cfg, run_dir, model_cfg, callbacks=callbacks, max_epochs=1 if chat else None,
+                            parallel=parallel)
     if not chat and data_cfg.num_samples is None:  # the mix is sized to the run: one epoch = max_steps
-        data_cfg.num_samples = (cfg.phase.max_steps * cfg.phase.accumulate_grad_batches
+        data_cfg.num_samples = (cfg.phase.max_steps * trainer.accumulate_grad_batches
                                 * data_cfg.micro_batch_size * trainer.world_size)
 
     for folder in (run_dir, Path(cfg.paths.checkpoint_search_dir)):  # saves cut short by a kill
@@ -243,10 +294,11 @@ def train(cfg: DictConfig) -> dict:
     metrics["train/tokens"] = module.tokens_seen  # exact; the logged value is a float32
     metrics["run_dir"] = str(run_dir)
     final_dir = run_dir / "final"
+    model = exportable_model(trainer, module.model)  # gathered from every rank's shard where sharded
     if trainer.is_global_zero:  # one copy of the outputs, written by rank 0
-        module.model.save_hf(str(final_dir))
+        model.save_hf(str(final_dir))
         save_tokenizer(datamodule.tokenizer, final_dir, chat_template=CHAT_TEMPLATE if chat else None)
-        metrics["sample"] = sample_text(module.model, datamodule.tokenizer, cfg.sample, chat=chat)
+        metrics["sample"] = sample_text(model, datamodule.tokenizer, cfg.sample, chat=chat)
         with open(run_dir / "metrics.json", "w") as f:
             json.dump(metrics, f, indent=2)
         report(metrics, run_dir, final_dir)

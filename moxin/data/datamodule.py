@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from moxin.curate.shards import ShardedRows, list_streams, read_manifest
 from moxin.data.mix import MixedSequenceDataset, validation_dataset
@@ -75,23 +75,37 @@ class DataConfig:
 
 
 class ResumeSampler(Sampler[int]):
-    """Indices 0..n-1 in order; the first pass after a resume is rotated to begin at `start`.
+    """This rank's share of indices 0..n-1 in order; the first pass after a resume is rotated to begin
+    at `start`.
 
-    The pass keeps its full length because Lightning, resuming mid-epoch, counts the batches it
-    already saw and ends the epoch after the remaining ones: those are exactly start..n-1, and
-    the wrapped-around head is never reached. Under DDP, Lightning shards this order by rank,
-    which continues each rank's share too (start is a multiple of batch x world size).
+    Ranks take every world_size-th index (rank r: r, r + W, ...), so the micro-batches of one optimizer
+    step on all ranks together are consecutive items of the order (chat data's step_tokens counts on
+    that), and a resume continues each rank's share (start is a multiple of batch x world size). The
+    pass keeps its full length because Lightning, resuming mid-epoch, counts the batches it already saw
+    and ends the epoch after the remaining ones: those are exactly start..n-1, and the wrapped-around
+    head is never reached. Lightning's own distributed sampler is turned off (it would shuffle).
     """
 
-    def __init__(self, n: int, start: int = 0):
-        self.n, self.start = n, start
+    def __init__(self, n: int, start: int = 0, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.n, self.start, self.rank, self.world_size = n, start, rank, world_size
 
     def __iter__(self):
         start, self.start = self.start, 0  # only the first pass is rotated
-        return itertools.chain(range(start, self.n), range(start))
+        order = itertools.chain(range(start, self.n), range(start))
+        return itertools.islice(order, self.rank, len(self) * self.world_size, self.world_size)
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.world_size  # every rank the same count: none waits for a batch that never comes
+
+
+def data_parallel_rank(trainer) -> tuple[int, int]:
+    """(rank, number of ranks) among the data-parallel replicas of a run (1 replica without a trainer)."""
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
+    if not kwargs:
+        return 0, 1
+    return int(kwargs["rank"]), int(kwargs["num_replicas"])
 
 
 class ResumableDataModule(L.LightningDataModule):
@@ -108,7 +122,7 @@ class ResumableDataModule(L.LightningDataModule):
         self.resume_samples = 0  # training samples consumed before the checkpoint we resume from
 
     def world_size(self) -> int:
-        return self.trainer.world_size if self.trainer is not None else 1
+        return data_parallel_rank(self.trainer)[1]
 
     def train_dataloader(self) -> DataLoader:
         # The order is already seeded and drawn in the dataset; the sampler only makes a resumed run
@@ -119,7 +133,8 @@ class ResumableDataModule(L.LightningDataModule):
         per_step = self.micro_batch_size * self.world_size()
         per_epoch = len(dataset) // per_step * per_step
         start = self.resume_samples % per_epoch if per_epoch else 0
-        return self._loader(dataset, drop_last=True, sampler=ResumeSampler(len(dataset), start))
+        rank, world = data_parallel_rank(self.trainer)
+        return self._loader(dataset, drop_last=True, sampler=ResumeSampler(len(dataset), start, rank, world))
 
     def state_dict(self) -> dict[str, int]:
         """Saved in Lightning checkpoints: how many training samples all ranks have consumed."""
@@ -130,13 +145,18 @@ class ResumableDataModule(L.LightningDataModule):
         batches = getattr(trainer.lightning_module, "consumed_batches", None)
         if batches is None:
             batches = trainer.global_step * trainer.accumulate_grad_batches
-        return {"consumed_samples": batches * self.micro_batch_size * trainer.world_size}
+        return {"consumed_samples": batches * self.micro_batch_size * self.world_size()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.resume_samples = int(state.get("consumed_samples", 0))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, drop_last=False)
+        rank, world = data_parallel_rank(self.trainer)
+        if world == 1 or self.val_dataset is None:
+            return self._loader(self.val_dataset, drop_last=False)
+        # Each rank a share; the last share is padded with repeats so every rank runs the same batches.
+        sampler = DistributedSampler(self.val_dataset, num_replicas=world, rank=rank, shuffle=False)
+        return self._loader(self.val_dataset, drop_last=False, sampler=sampler)
 
     def _loader(self, dataset, drop_last: bool, sampler: Sampler | None = None) -> DataLoader:
         if dataset is None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from moxin.model import ModelConfig, Transformer
+from moxin.parallel import ParallelConfig, parallelize
 
 
 @dataclass
@@ -86,6 +87,7 @@ class NonFiniteLossError(RuntimeError):
 class MoxinModule(L.LightningModule):
     data_format = "pretrain"  # the kind of data module this phase trains on (moxin.train picks it)
     phase_options: tuple[str, ...] = ()  # keys of the phase config given to __init__ (e.g. "dpo")
+    generates = False  # samples from the policy while training (GRPO): each rank runs the whole model alone
 
     def __init__(self, model_config: ModelConfig, optim: OptimConfig, nonfinite_loss: str = "stop"):
         super().__init__()
@@ -99,6 +101,16 @@ class MoxinModule(L.LightningModule):
         self.optim = optim
         self.model = Transformer(model_config)
         self.tokens_seen = 0  # training tokens consumed; part of the checkpoint
+        self.parallel = ParallelConfig()  # the hardware option's strategy and switches (moxin.train sets it)
+
+    def configure_model(self) -> None:
+        """Lightning's hook for parallelism: checkpointing, compile and FSDP2 from the hardware option.
+        A frozen reference policy (DPO, GRPO) is sharded like the policy but never compiled or checkpointed."""
+        mesh = self.device_mesh["data_parallel"] if self.parallel.strategy == "fsdp" else None
+        parallelize(self.model, self.parallel, mesh)
+        reference = getattr(self, "reference", None)
+        if isinstance(reference, torch.nn.Module) and self.parallel.strategy == "fsdp":
+            parallelize(reference, ParallelConfig(strategy="fsdp", fsdp=self.parallel.fsdp), mesh)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)

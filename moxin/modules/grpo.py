@@ -70,6 +70,7 @@ class GRPOConfig:
 class GRPOModule(ReferencePolicy, MoxinModule):
     data_format = "prompts"
     phase_options = ("grpo",)
+    generates = True
 
     def __init__(self, model_config, optim, nonfinite_loss: str = "stop", grpo: GRPOConfig | None = None):
         super().__init__(model_config, optim, nonfinite_loss=nonfinite_loss)

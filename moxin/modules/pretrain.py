@@ -19,7 +19,8 @@ class PretrainModule(MoxinModule):
         if self.nonfinite(loss):
             return self.zero_loss()  # the optimizer step this micro-batch belongs to is dropped
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
-        self.log("train/loss", loss, on_step=True, prog_bar=True)
+        # The global batch's loss: the mean over ranks (equal micro-batches of equal length).
+        self.log("train/loss", loss, on_step=True, prog_bar=True, sync_dist=True)
         self.log("train/tokens", float(self.tokens_seen), on_step=True)
         self.log_lr()
         return loss

@@ -1,0 +1,225 @@
+"""Colossal-AI (the framework Moxin-7B was trained with) as a Lightning strategy: its `Booster` wraps the
+LightningModule and the optimizer with the configured plugin, runs the backward pass and the optimizer
+step, and saves and loads checkpoints.
+
+Colossal-AI is an optional extra (`make install-colossalai`): version 0.5.0 pins torch <= 2.5.1, so it
+is installed with --no-deps next to the torch we use. On a CPU its TorchDDPPlugin and HybridParallelPlugin
+(tp_size=1) run; LowLevelZeroPlugin (ZeRO-1/2) and GeminiPlugin need CUDA.
+
+A checkpoint is a folder `<name>.ckpt/`: `model/` and `optimizer/` written by the booster (each rank its
+shard where the plugin shards), and `meta.pt`, the rest of Lightning's checkpoint (loops, schedulers,
+the module's own state), written by rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+
+PLUGINS = {"torch_ddp": "TorchDDPPlugin", "low_level_zero": "LowLevelZeroPlugin", "gemini": "GeminiPlugin",
+           "hybrid_parallel": "HybridParallelPlugin"}
+INSTALL_HINT = ("Colossal-AI is an optional extra: `make install-colossalai` (pip install --no-deps "
+                "colossalai==0.5.0 plus the modules it imports)")
+META_FILE = "meta.pt"
+
+
+def clips_in_optimizer(plugin: str) -> bool:
+    """Plugins whose optimizers clip gradients themselves (their max_norm option)."""
+    return plugin in ("low_level_zero", "gemini", "hybrid_parallel")
+
+
+def colossalai_available() -> bool:
+    try:
+        import colossalai.booster  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _allow_cpu_synchronize() -> None:
+    """colossalai 0.5.0's CPU accelerator raises on synchronize(), which its optimizer-checkpoint loader
+    calls; on a CPU there is no device queue to wait for."""
+    from colossalai.accelerator import cpu_accelerator
+
+    cpu_accelerator.CpuAccelerator.synchronize = lambda self, device=None: None
+
+
+def _no_sharding_policy():
+    """A shardformer policy that changes nothing: HybridParallelPlugin with tp_size=1 and pp_size=1 (data
+    parallelism, optionally ZeRO) on a model that has no policy of Colossal-AI's own."""
+    from colossalai.shardformer.policies.base_policy import Policy
+
+    class NoSharding(Policy):
+        def config_sanity_check(self):
+            pass
+
+        def preprocess(self):
+            return self.model
+
+        def module_policy(self):
+            return {}
+
+        def postprocess(self):
+            return self.model
+
+        def get_held_layers(self):
+            return [self.model]
+
+        def get_shared_params(self):
+            return []
+
+    return NoSharding()
+
+
+def make_plugin(name: str, options: dict):
+    if name not in PLUGINS:
+        raise ValueError(f"hardware.colossalai.plugin={name!r} is not one of {sorted(PLUGINS)}")
+    try:
+        from colossalai.booster import plugin as plugins
+    except ImportError as error:
+        raise ImportError(f"hardware.strategy=colossalai needs colossalai ({error}). {INSTALL_HINT}") from None
+    options = dict(options)
+    if name == "hybrid_parallel":
+        if options.get("tp_size", 1) != 1 or options.get("pp_size", 1) != 1:
+            raise ValueError("hardware.colossalai: tensor and pipeline parallelism need a shardformer policy for "
+                             "the moxin model, which does not exist yet; keep tp_size=1 and pp_size=1 (data "
+                             "parallel with zero_stage 0-2) or use hardware=fsdp")
+        options.setdefault("tp_size", 1)
+        options.setdefault("pp_size", 1)
+        options["custom_policy"] = _no_sharding_policy()
+    return getattr(plugins, PLUGINS[name])(**options)
+
+
+class ColossalAIPrecision(Precision):
+    """The plugin does mixed precision itself (its `precision` option); here the optimizer step runs the
+    closure (forward, backward, clipping hooks) first, since Colossal-AI optimizers take no closure."""
+
+    def optimizer_step(self, optimizer, model, closure, **kwargs):
+        closure_result = self._wrap_closure(model, optimizer, closure)
+        if closure_result is None and getattr(model, "automatic_optimization", False):
+            return None  # training_step returned None: Lightning's convention to skip the step
+        return optimizer.step(**kwargs)
+
+    def clip_grad_by_norm(self, optimizer, clip_val) -> None:
+        optimizer.clip_grad_by_norm(clip_val)  # the booster's optimizer wrapper knows its parameters
+
+
+class ColossalAIStrategy(DDPStrategy):
+    """Processes, ranks and collectives as DDP; the model and optimizer wrapping, backward, step and
+    checkpoints through Colossal-AI's Booster."""
+
+    strategy_name = "colossalai"
+
+    def __init__(self, plugin: str = "torch_ddp", plugin_options: dict | None = None, **kwargs):
+        if not colossalai_available():
+            raise ImportError(f"hardware.strategy=colossalai needs colossalai. {INSTALL_HINT}")
+        if plugin not in PLUGINS:
+            raise ValueError(f"hardware.colossalai.plugin={plugin!r} is not one of {sorted(PLUGINS)}")
+        super().__init__(precision_plugin=ColossalAIPrecision(), **kwargs)
+        self.plugin_name = plugin
+        self.plugin_options = dict(plugin_options or {})
+        self.booster = None
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # the booster loads into the boosted model and optimizer
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False  # load_checkpoint restored the optimizer already
+
+    def setup(self, trainer) -> None:
+        from colossalai.booster import Booster
+
+        self.accelerator.setup(trainer)
+        self.model_to_device()
+        if self.root_device.type == "cpu":
+            _allow_cpu_synchronize()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+            if len(self.optimizers) != 1:
+                raise ValueError("the Colossal-AI strategy boosts one optimizer; the module configured "
+                                 f"{len(self.optimizers)}")
+            self.booster = Booster(plugin=make_plugin(self.plugin_name, self.plugin_options))
+            self.model, optimizer, *_ = self.booster.boost(self.model, self.optimizers[0])
+            # The LR scheduler keeps driving the optimizer it was built on: the wrapper shares its param_groups.
+            self.optimizers = [optimizer]
+        self.setup_precision_plugin()
+
+    def backward(self, closure_loss: torch.Tensor, optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        self.booster.backward(closure_loss, self.optimizers[0])  # loss scaling and gradient partitioning
+        closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    @contextmanager
+    def block_backward_sync(self):
+        """No gradient all-reduce on the micro-batches before the last of an accumulated step."""
+        if self.booster is not None and self.booster.plugin.support_no_sync():
+            with self.booster.no_sync(self.model, self.optimizers[0]):
+                yield None
+        else:
+            yield None
+
+    def teardown(self) -> None:
+        boosted = self.optimizers
+        self.optimizers = []  # the booster's optimizer wrappers have no `.state` for Lightning to move to the CPU
+        super().teardown()
+        self.optimizers = boosted  # trainer.save_checkpoint after fit still saves them
+
+    # --- checkpoints ---
+
+    def lightning_module_state_dict(self) -> dict:
+        return {}  # the booster writes the model; see save_checkpoint
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any = None) -> None:
+        path = Path(self.broadcast(str(filepath)))
+        if self.is_global_zero:
+            if path.is_file():
+                path.unlink()
+            path.mkdir(parents=True, exist_ok=True)
+        self.barrier("colossalai_checkpoint_folder")
+        checkpoint.pop("state_dict", None)
+        checkpoint.pop("optimizer_states", None)
+        self.booster.save_model(self.model, str(path / "model"), shard=True)
+        self.booster.save_optimizer(self.optimizers[0], str(path / "optimizer"), shard=True)
+        if self.is_global_zero:
+            temporary = path / f"{META_FILE}.tmp"
+            torch.save(checkpoint, temporary)
+            os.replace(temporary, path / META_FILE)  # written last: its presence marks a complete checkpoint
+        self.barrier("colossalai_checkpoint_saved")
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not (path / META_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a Colossal-AI checkpoint of this strategy (no {META_FILE})")
+        self.booster.load_model(self.model, str(path / "model"))
+        self.booster.load_optimizer(self.optimizers[0], str(path / "optimizer"))
+        checkpoint = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
+        checkpoint["state_dict"] = {}  # the weights are in place already
+        return checkpoint
+
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        pass  # load_checkpoint loaded the weights through the booster
+
+    def remove_checkpoint(self, filepath) -> None:
+        if self.is_global_zero:
+            shutil.rmtree(filepath, ignore_errors=True)
+
+    def full_model_state_dict(self) -> dict:
+        """The Transformer's whole state dict on rank 0 (collective under Gemini, whose chunks hold it)."""
+        if self.plugin_name == "gemini":
+            state = self.model.state_dict(only_rank_0=True)
+        else:
+            state = self.lightning_module.state_dict()
+        return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}

@@ -1,0 +1,197 @@
+"""Parallelism and memory switches, applied to the model from the hardware config (torchtitan's
+`parallelize`): the model file knows none of this.
+
+- `ParallelConfig`: the typed form of a `conf/hardware/` option's strategy and switches.
+- `parallelize(model, ...)`: activation checkpointing, then torch.compile, then FSDP2 per block.
+- `build_strategy(...)`: the Lightning strategy for `auto`, `ddp`, `fsdp` or `colossalai`.
+- `exportable_model(...)`: the trained weights as one plain Transformer on rank 0, whatever the strategy.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from moxin.model import Transformer
+
+STRATEGIES = ("auto", "ddp", "fsdp", "colossalai")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class FSDPConfig:
+    param_dtype: str | None = "bf16"  # FSDP2 mixed precision: the blocks compute in this dtype (None: as stored)
+    reduce_dtype: str | None = "fp32"  # gradients are reduce-scattered in this dtype
+    reshard_after_forward: bool = True  # ZeRO-3: free gathered weights after each block's forward
+    sharded_checkpoint: bool = True  # each rank saves its shard (a folder); False: one file gathered on rank 0
+
+
+@dataclass
+class ColossalAIConfig:
+    plugin: str = "torch_ddp"  # torch_ddp | low_level_zero | gemini | hybrid_parallel
+    options: dict = field(default_factory=dict)  # the plugin's keyword arguments (stage, precision, tp_size, ...)
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "auto"  # auto | ddp | fsdp | colossalai
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    compile: bool = False  # torch.compile each block (training steps only: generation stays eager)
+    compile_backend: str = "inductor"
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    colossalai: ColossalAIConfig = field(default_factory=ColossalAIConfig)
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"hardware.strategy={self.strategy!r} is not one of {STRATEGIES}")
+        if isinstance(self.fsdp, dict):
+            self.fsdp = FSDPConfig(**self.fsdp)
+        if isinstance(self.colossalai, dict):
+            self.colossalai = ColossalAIConfig(**self.colossalai)
+        for name in ("param_dtype", "reduce_dtype"):
+            value = getattr(self.fsdp, name)
+            if value is not None and value not in DTYPES:
+                raise ValueError(f"hardware.fsdp.{name}={value!r} is not one of {sorted(DTYPES)} or null")
+
+    @property
+    def shards_parameters(self) -> bool:
+        """Whether no rank holds the whole model (so rank 0 cannot run it alone)."""
+        return self.strategy == "fsdp" or (self.strategy == "colossalai" and self.colossalai.plugin == "gemini")
+
+
+# --- the switches, applied per block ---
+
+def checkpoint_activations(model: Transformer) -> None:
+    """Each block keeps only its input during training and recomputes the rest in the backward pass.
+    The block's forward is replaced on the instance, so parameter names (and checkpoints) do not change."""
+    for block in model.layers:
+        plain = block.forward
+
+        def forward(self, *args, _plain=plain):
+            if not torch.is_grad_enabled():  # validation and generation: nothing to save memory for
+                return _plain(*args)
+            return checkpoint(_plain, *args, use_reentrant=False)
+
+        block.forward = types.MethodType(forward, block)
+
+
+def compile_blocks(model: Transformer, backend: str = "inductor") -> None:
+    """torch.compile each block's training forward (one compiled graph serves all blocks of a shape).
+    Without gradients (validation, generation with its changing cache shapes) the eager forward runs."""
+    for block in model.layers:
+        plain = block.forward
+        compiled = torch.compile(plain, backend=backend)
+
+        def forward(self, *args, _plain=plain, _compiled=compiled):
+            return _compiled(*args) if torch.is_grad_enabled() else _plain(*args)
+
+        block.forward = types.MethodType(forward, block)
+
+
+def shard_model(model: Transformer, mesh, fsdp: FSDPConfig) -> None:
+    """FSDP2: each block is one unit (gathered for its forward and backward, resharded after); the root
+    unit holds the embedding, the final norm and the LM head. `hidden_states` is registered as a forward
+    method, since the training losses call it and then the head's weight rather than `forward`."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES.get(fsdp.param_dtype), reduce_dtype=DTYPES.get(fsdp.reduce_dtype))
+    last = len(model.layers) - 1
+    for i, block in enumerate(model.layers):
+        # The last block is gathered again at once by the backward pass: keep it.
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=fsdp.reshard_after_forward and i < last)
+    # The root stays gathered after its forward: the losses use `output.weight` after `hidden_states` returns.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    register_fsdp_forward_method(model, "hidden_states")
+
+
+def parallelize(model: Transformer, parallel: ParallelConfig, mesh=None) -> None:
+    """Apply the switches in torchtitan's order: activation checkpointing, compile, then FSDP.
+    Idempotent: Lightning calls configure_model at every fit and validate."""
+    if getattr(model, "_moxin_parallelized", False):
+        return
+    if parallel.activation_checkpointing:
+        checkpoint_activations(model)
+    if parallel.compile:
+        compile_blocks(model, parallel.compile_backend)
+    if parallel.strategy == "fsdp":
+        if mesh is None:
+            raise ValueError("hardware.strategy=fsdp needs a device mesh (Lightning's ModelParallelStrategy gives one)")
+        shard_model(model, mesh, parallel.fsdp)
+    model._moxin_parallelized = True
+
+
+# --- the Lightning strategy ---
+
+def world_size(accelerator: str, devices, num_nodes: int) -> int:
+    """Processes a run will have: devices per node x nodes (Lightning's meaning of `auto` and -1)."""
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if not isinstance(devices, (str, int)):  # a list of device ids (a ListConfig from Hydra)
+        per_node = len(devices)
+    elif devices in ("auto", -1):
+        per_node = torch.cuda.device_count() if accelerator in ("gpu", "cuda") else 1
+    elif isinstance(devices, int) and devices > 0:
+        per_node = devices
+    else:
+        raise ValueError(f"hardware.devices={devices!r}: give a number of devices, a list of ids, -1 or auto")
+    return per_node * num_nodes
+
+
+def build_strategy(parallel: ParallelConfig, processes: int, gradient_clip_val: float | None):
+    """(Lightning strategy, the gradient clipping Lightning should do). Colossal-AI's ZeRO, Gemini and
+    hybrid plugins clip inside their optimizers (max_norm), so Lightning then clips nothing."""
+    if parallel.strategy == "auto":
+        return "auto", gradient_clip_val
+    if parallel.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(gradient_as_bucket_view=True), gradient_clip_val
+    if parallel.strategy == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=parallel.fsdp.sharded_checkpoint), gradient_clip_val
+    from moxin.colossalai_strategy import ColossalAIStrategy, clips_in_optimizer
+
+    options = dict(parallel.colossalai.options)
+    clips_itself = clips_in_optimizer(parallel.colossalai.plugin)
+    if clips_itself and gradient_clip_val:
+        options.setdefault("max_norm", float(gradient_clip_val))
+    strategy = ColossalAIStrategy(plugin=parallel.colossalai.plugin, plugin_options=options)
+    return strategy, None if clips_itself else gradient_clip_val
+
+
+# --- the trained weights, whole ---
+
+def _is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def exportable_model(trainer, model: Transformer) -> Transformer | None:
+    """The trained weights as a plain Transformer (no compile, checkpointing or sharding wrappers) on
+    rank 0, None on the other ranks. Every rank must call it: gathering shards is collective."""
+    strategy_state = getattr(trainer.strategy, "full_model_state_dict", None)
+    if strategy_state is not None:  # Colossal-AI: the booster knows where its plugin keeps the weights
+        state = strategy_state()
+    elif _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif getattr(model, "_moxin_parallelized", False):
+        state = model.state_dict()
+    else:
+        return model if trainer.is_global_zero else None
+    if not trainer.is_global_zero:
+        return None
+    from moxin.hf import load_state_dict_checked
+
+    with torch.device("meta"):
+        plain = Transformer(model.config)
+    load_state_dict_checked(plain, {k: v.detach().to("cpu") for k, v in state.items()}, source="the trained model")
+    return plain

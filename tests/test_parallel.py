@@ -1,0 +1,274 @@
+"""Scale-out: hardware options, the parallelism switches, and 2-process CPU training under DDP, FSDP2
+and Colossal-AI matching one process with the same global batch, with checkpoint save and resume."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from moxin.colossalai_strategy import colossalai_available
+from moxin.data.datamodule import ResumeSampler
+from moxin.model import ModelConfig, Transformer
+from moxin.parallel import ParallelConfig, build_strategy, checkpoint_activations, compile_blocks, world_size
+from moxin.train import accumulation, build_module, eval_callbacks, find_resume_checkpoint, parallel_config
+from tests.conftest import CONF_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+HARDWARE = ("cpu", "gpu", "ddp", "fsdp", "colossalai_ddp", "colossalai_zero2", "colossalai_gemini", "colossalai_hybrid")
+needs_colossalai = pytest.mark.skipif(not colossalai_available(),
+                                      reason="colossalai is not installed (make install-colossalai)")
+
+
+def tiny_model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                                   hidden_dim=64, sliding_window=8, max_seq_len=64))
+
+
+# --- configs ---
+
+@pytest.mark.parametrize("hardware", HARDWARE)
+def test_every_hardware_option_composes_with_an_experiment(hardware):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=phase1_2k", f"hardware={hardware}"])
+    parallel = parallel_config(cfg.hardware)
+    expected = {"cpu": "auto", "gpu": "auto", "ddp": "ddp", "fsdp": "fsdp"}.get(hardware, "colossalai")
+    assert parallel.strategy == expected
+    assert cfg.model.n_layers == 36  # the experiment is untouched
+    if expected == "colossalai":
+        plugin = {"colossalai_ddp": "torch_ddp", "colossalai_zero2": "low_level_zero", "colossalai_gemini": "gemini",
+                  "colossalai_hybrid": "hybrid_parallel"}[hardware]
+        assert parallel.colossalai.plugin == plugin
+        assert cfg.hardware.precision == "32-true"  # the plugin does mixed precision itself
+    if hardware == "fsdp":
+        assert parallel.fsdp.param_dtype == "bf16" and parallel.fsdp.reduce_dtype == "fp32"
+        assert parallel.shards_parameters
+
+
+def test_parallel_config_names_bad_values():
+    with pytest.raises(ValueError, match="hardware.strategy='deepspeed'"):
+        ParallelConfig(strategy="deepspeed")
+    with pytest.raises(ValueError, match="hardware.fsdp.param_dtype='fp8'"):
+        ParallelConfig(strategy="fsdp", fsdp={"param_dtype": "fp8"})
+    assert ParallelConfig(strategy="colossalai", colossalai={"plugin": "gemini"}).shards_parameters
+    assert not ParallelConfig(strategy="colossalai", colossalai={"plugin": "low_level_zero"}).shards_parameters
+
+
+def test_world_size_counts_devices_times_nodes():
+    assert world_size("gpu", 8, 4) == 32
+    assert world_size("cpu", "auto", 1) == 1
+    assert world_size("gpu", [0, 1, 2], 2) == 6
+    assert world_size("cpu", "2", 1) == 2
+    with pytest.raises(ValueError, match="hardware.devices=0"):
+        world_size("gpu", 0, 1)
+
+
+def test_strategies_built_from_the_config():
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    assert build_strategy(ParallelConfig(), 1, 1.0) == ("auto", 1.0)
+    strategy, clip = build_strategy(ParallelConfig(strategy="ddp"), 2, 1.0)
+    assert isinstance(strategy, DDPStrategy) and clip == 1.0
+    strategy, clip = build_strategy(ParallelConfig(strategy="fsdp", fsdp={"sharded_checkpoint": False}), 4, 1.0)
+    assert isinstance(strategy, ModelParallelStrategy) and clip == 1.0
+    assert strategy._data_parallel_size == 4 and strategy._tensor_parallel_size == 1
+    assert not strategy._save_distributed_checkpoint
+
+
+@needs_colossalai
+def test_colossalai_plugins_that_clip_take_the_phase_clip_value():
+    from moxin.colossalai_strategy import ColossalAIStrategy, make_plugin
+
+    strategy, clip = build_strategy(ParallelConfig(strategy="colossalai", colossalai={"plugin": "low_level_zero"}),
+                                    8, 1.0)
+    assert isinstance(strategy, ColossalAIStrategy) and clip is None  # the ZeRO optimizer clips
+    assert strategy.plugin_options["max_norm"] == 1.0
+    strategy, clip = build_strategy(ParallelConfig(strategy="colossalai", colossalai={"plugin": "torch_ddp"}), 8, 1.0)
+    assert clip == 1.0 and "max_norm" not in strategy.plugin_options  # Lightning clips through the wrapper
+    with pytest.raises(ValueError, match="tensor and pipeline parallelism"):
+        make_plugin("hybrid_parallel", {"tp_size": 2})
+    with pytest.raises(ValueError, match="plugin='zero9'"):
+        make_plugin("zero9", {})
+
+
+def test_colossalai_missing_names_the_install_command(monkeypatch):
+    import moxin.colossalai_strategy as module
+
+    monkeypatch.setattr(module, "colossalai_available", lambda: False)
+    with pytest.raises(ImportError, match="make install-colossalai"):
+        module.ColossalAIStrategy(plugin="torch_ddp")
+
+
+def test_global_batch_tokens_sets_gradient_accumulation():
+    cfg = OmegaConf.create({"phase": {"accumulate_grad_batches": 3, "global_batch_tokens": None},
+                            "context": {"micro_batch_size": 4, "seq_len": 2048}})
+    assert accumulation(cfg, 8) == 3  # not set: the phase's own count
+    cfg.phase.global_batch_tokens = 4 * 1024 * 1024  # 4M tokens: 4 x 2048 x 8 GPUs x 64
+    assert accumulation(cfg, 8) == 64
+    assert accumulation(cfg, 32) == 16
+    cfg.phase.global_batch_tokens = 1_000_000
+    with pytest.raises(ValueError, match="global_batch_tokens=1000000 is not a multiple"):
+        accumulation(cfg, 8)
+
+
+def test_sharded_strategies_refuse_what_needs_one_rank_alone(make_cfg, tmp_path):
+    fsdp = ParallelConfig(strategy="fsdp")
+    cfg = make_cfg("+experiment=grpo_deepscaler", "+scale=tiny")
+    from hydra.utils import instantiate
+
+    with pytest.raises(ValueError, match="samples rollouts on each rank"):
+        build_module(cfg, instantiate(cfg.model), instantiate(cfg.data), fsdp)
+    cfg = make_cfg("eval.every_n_steps=10")
+    with pytest.raises(ValueError, match="eval.every_n_steps runs the model on rank 0 alone"):
+        eval_callbacks(cfg, None, tmp_path, fsdp)
+
+
+# --- data order across ranks ---
+
+def test_ranks_share_each_optimizer_step_in_order_and_resume_there():
+    n, micro, accumulate, world = 50, 2, 2, 3
+    per_step = micro * accumulate * world
+    for start in (0, 2 * per_step):
+        shares = [list(ResumeSampler(n, start, rank, world)) for rank in range(world)]
+        assert len({len(share) for share in shares}) == 1  # every rank the same number of items
+        for step in range((n - start) // per_step):
+            taken = sorted(i for share in shares
+                           for i in share[step * micro * accumulate:(step + 1) * micro * accumulate])
+            first = start + step * per_step
+            assert taken == list(range(first, first + per_step))  # the step's items, all ranks together
+    with pytest.raises(ValueError, match="rank 3"):
+        ResumeSampler(10, 0, 3, 3)
+
+
+# --- the switches ---
+
+def _loss_and_grads(model: Transformer, tokens: torch.Tensor):
+    model.zero_grad()
+    loss = model(tokens).logsumexp(-1).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients():
+    tokens = torch.randint(0, 97, (2, 16))
+    plain = tiny_model()
+    loss, grads = _loss_and_grads(plain, tokens)
+    model = tiny_model()
+    names = list(model.state_dict())
+    checkpoint_activations(model)
+    calls = []
+    for block in model.layers:
+        block.feed_forward.register_forward_pre_hook(lambda *args: calls.append(1))
+    loss2, grads2 = _loss_and_grads(model, tokens)
+    assert len(calls) == 2 * len(model.layers)  # each block ran again in the backward pass
+    assert torch.allclose(loss, loss2)
+    for name in grads:
+        torch.testing.assert_close(grads2[name], grads[name], rtol=1e-5, atol=1e-7)
+    assert list(model.state_dict()) == names  # checkpoints keep their parameter names
+    calls.clear()
+    with torch.no_grad():
+        model(tokens)
+    assert len(calls) == len(model.layers)  # nothing to recompute without gradients
+
+
+def test_compile_covers_training_forwards_and_leaves_generation_eager():
+    from moxin.generate import generate
+
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    tokens = torch.randint(0, 97, (2, 16))
+    loss, grads = _loss_and_grads(tiny_model(), tokens)
+    model = tiny_model()
+    expected = generate(tiny_model(), [[1, 2, 3]], max_new_tokens=5).tokens
+    compile_blocks(model, backend=counting_backend)
+    loss2, grads2 = _loss_and_grads(model, tokens)
+    assert graphs  # the training forward went through torch.compile
+    torch.testing.assert_close(loss2, loss)
+    torch.testing.assert_close(grads2["layers.0.attention.wqkv.weight"], grads["layers.0.attention.wqkv.weight"])
+    compiled = len(graphs)
+    assert generate(model, [[1, 2, 3]], max_new_tokens=5).tokens == expected
+    assert len(graphs) == compiled  # decoding (no gradients, changing cache shapes) stayed eager
+
+
+def test_resume_finds_complete_sharded_checkpoint_folders_only(tmp_path):
+    complete = tmp_path / "step-10.ckpt"
+    complete.mkdir()
+    (complete / "meta.pt").write_bytes(b"x")
+    cut_short = tmp_path / "step-20.ckpt"  # a save killed before its meta.pt
+    cut_short.mkdir()
+    os.utime(complete, (1, 1))
+    assert find_resume_checkpoint("auto", str(tmp_path)) == str(complete)
+    assert find_resume_checkpoint(str(complete), str(tmp_path)) == str(complete)
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        find_resume_checkpoint(str(cut_short), str(tmp_path))
+
+
+# --- two processes on the CPU ---
+
+COMMON = ("+experiment=tiny_debug", "phase.log_every_steps=1", "phase.validate_before_training=false",
+          "phase.keep_checkpoints=-1", "hardware.onednn_linears=false", "eval.every_n_steps=0", "progress_bar=false",
+          "logger=csv")
+TWO_PROCESSES = ("hardware.accelerator=cpu", "hardware.devices=2")
+STRATEGIES = {
+    "ddp": ("hardware=ddp", "hardware.precision=32-true"),
+    "fsdp": ("hardware=fsdp", "hardware.fsdp.param_dtype=null"),
+    "colossalai_ddp": ("hardware=colossalai_ddp",),
+    "colossalai_hybrid": ("hardware=colossalai_hybrid", "hardware.colossalai.options.precision=fp32",
+                          "hardware.colossalai.options.zero_stage=0"),
+}
+
+
+def train_run(root: Path, *overrides: str) -> tuple[dict[int, float], Path]:
+    """Run run.py in its own process; (train/loss per step, run folder)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "run.py", *COMMON, f"paths.output_root={root}", *overrides],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (root / "tiny_debug").iterdir()
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        losses = {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")}
+    return losses, run_dir
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: one process with the global batch of two (2 x 4 rows)."""
+    return train_run(tmp_path_factory.mktemp("one_process"), "context.micro_batch_size=8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_two_processes_match_one_and_resume_from_their_checkpoints(name, one_process, tmp_path):
+    if name.startswith("colossalai") and not colossalai_available():
+        pytest.skip("colossalai is not installed (make install-colossalai)")
+    reference, reference_dir = one_process
+    losses, run_dir = train_run(tmp_path / "full", *STRATEGIES[name], *TWO_PROCESSES)
+    assert sorted(losses) == sorted(reference) and len(losses) == 10
+    for step, loss in reference.items():  # fp32; the ranks' gradients are summed in another order
+        assert losses[step] == pytest.approx(loss, rel=1e-5), (name, step)
+    # The exported weights, gathered from the shards where the strategy shards them.
+    final, expected = load_file(run_dir / "final" / "model.safetensors"), load_file(
+        reference_dir / "final" / "model.safetensors")
+    assert final.keys() == expected.keys()
+    for key in expected:  # Adam may flip the sign of an update where a gradient is ~0: compare whole tensors
+        difference = torch.linalg.vector_norm(final[key] - expected[key]) / torch.linalg.vector_norm(expected[key])
+        assert difference < 1e-4, (name, key, float(difference))
+
+    middle = run_dir / "checkpoints" / "step-5.ckpt"
+    resumed, _ = train_run(tmp_path / "resumed", *STRATEGIES[name], *TWO_PROCESSES, f"resume={middle}")
+    assert min(resumed) == 5  # it went on from step 5 ...
+    for step in resumed:  # ... exactly as the uninterrupted run did
+        assert resumed[step] == pytest.approx(losses[step], rel=1e-6), (name, step)
