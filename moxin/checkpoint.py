@@ -9,10 +9,18 @@ import torch
 from moxin.hf import load_state_dict_checked
 from moxin.model import ModelConfig, Transformer
 
+SHARDED_META = "meta.pt"  # Lightning's part of a folder checkpoint (FSDP's distributed one, Colossal-AI's)
+
+
+def is_sharded_checkpoint(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, SHARDED_META))
+
 
 def resolve_model_path(path: str) -> str:
     """A run folder stands for its exported `final/` weights."""
     path = os.path.expanduser(path)
+    if is_sharded_checkpoint(path):
+        return path
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
         final = os.path.join(path, "final")
         if os.path.exists(os.path.join(final, "config.json")):
@@ -24,23 +32,63 @@ def resolve_model_path(path: str) -> str:
 
 
 def load_model(path: str, device: str | torch.device = "cpu") -> Transformer:
-    """Transformer from a Hugging Face folder, a run folder, or a Lightning .ckpt of a moxin run.
+    """Transformer from a Hugging Face folder, a run folder, a Lightning .ckpt of a moxin run, or a
+    folder checkpoint of a sharded run (FSDP's distributed checkpoint, Colossal-AI's booster folder).
 
-    Lightning checkpoints are read with torch.load(weights_only=True): tensors and plain values only.
+    Everything is read without unpickling objects: torch.load(weights_only=True), safetensors, DCP.
     """
     path = resolve_model_path(path)
-    if os.path.isdir(path):
+    if is_sharded_checkpoint(path):
+        checkpoint = torch.load(os.path.join(path, SHARDED_META), map_location="cpu", weights_only=True)
+        cfg = _model_config(checkpoint, path)
+        state = _colossalai_model_state(path) if os.path.isdir(os.path.join(path, "model")) else _dcp_model_state(
+            path, cfg)
+    elif os.path.isdir(path):
         return Transformer.from_hf(path).to(device)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        cfg = ModelConfig(**checkpoint["hyper_parameters"]["model"])
-    except KeyError as missing:
-        raise ValueError(f"{path} is not a moxin Lightning checkpoint (no {missing} entry)") from None
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    else:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        cfg, state = _model_config(checkpoint, path), checkpoint["state_dict"]
+    state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     with torch.device("meta"):
         model = Transformer(cfg)
     load_state_dict_checked(model, state, source=path)
     return model.to(device)
+
+
+def _model_config(checkpoint: dict, path: str) -> ModelConfig:
+    try:
+        return ModelConfig(**checkpoint["hyper_parameters"]["model"])
+    except KeyError as missing:
+        raise ValueError(f"{path} is not a moxin Lightning checkpoint (no {missing} entry)") from None
+
+
+def _dcp_model_state(path: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's tensors from a distributed checkpoint (FSDP), read in this one process."""
+    import torch.distributed.checkpoint as dcp
+
+    with torch.device("meta"):
+        empty = Transformer(cfg).to_empty(device="cpu")  # storage to read into, not initialised
+    state = {"state_dict": {f"model.{k}": v for k, v in empty.state_dict().items()}}
+    dcp.load(state, checkpoint_id=path)  # fills the tensors in place, from every rank's shard file
+    return state["state_dict"]
+
+
+def _colossalai_model_state(path: str) -> dict[str, torch.Tensor]:
+    """The model's tensors from a Colossal-AI booster folder (its index names the shard files)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = os.path.join(path, "model")
+    (index,) = [name for name in os.listdir(folder) if name.endswith(".index.json")]
+    with open(os.path.join(folder, index)) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        file = os.path.join(folder, name)
+        state.update(load_file(file) if name.endswith(".safetensors")
+                     else torch.load(file, map_location="cpu", weights_only=True))
+    return state
 
 
 def tokenizer_for(path: str, fallback: str):

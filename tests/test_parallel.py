@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from moxin.checkpoint import load_model
 from moxin.colossalai_strategy import colossalai_available
 from moxin.data.datamodule import ResumeSampler
 from moxin.model import ModelConfig, Transformer
@@ -218,7 +219,7 @@ def test_resume_finds_complete_sharded_checkpoint_folders_only(tmp_path):
 
 # --- two processes on the CPU ---
 
-COMMON = ("+experiment=tiny_debug", "phase.log_every_steps=1", "phase.validate_before_training=false",
+COMMON = ("phase.log_every_steps=1", "phase.validate_before_training=false",
           "phase.keep_checkpoints=-1", "hardware.onednn_linears=false", "eval.every_n_steps=0", "progress_bar=false",
           "logger=csv")
 TWO_PROCESSES = ("hardware.accelerator=cpu", "hardware.devices=2")
@@ -231,13 +232,15 @@ STRATEGIES = {
 }
 
 
-def train_run(root: Path, *overrides: str) -> tuple[dict[int, float], Path]:
+def train_run(root: Path, *overrides: str, experiment: str = "tiny_debug") -> tuple[dict[int, float], Path]:
     """Run run.py in its own process; (train/loss per step, run folder)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not any(o.startswith("+experiment=") for o in overrides):
+        overrides = (f"+experiment={experiment}", *overrides)
     done = subprocess.run([sys.executable, "run.py", *COMMON, f"paths.output_root={root}", *overrides],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    (run_dir,) = (root / "tiny_debug").iterdir()
+    (run_dir,) = (root / experiment).iterdir()
     with open(run_dir / "csv" / "metrics.csv") as f:
         losses = {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")}
     return losses, run_dir
@@ -267,8 +270,26 @@ def test_two_processes_match_one_and_resume_from_their_checkpoints(name, one_pro
         difference = torch.linalg.vector_norm(final[key] - expected[key]) / torch.linalg.vector_norm(expected[key])
         assert difference < 1e-4, (name, key, float(difference))
 
+    # Its checkpoints (files, or folders of shards) load as models for task=evaluate / generate.
+    saved = load_model(str(run_dir / "checkpoints" / "last.ckpt")).state_dict()
+    for key, tensor in load_model(str(run_dir)).state_dict().items():
+        assert torch.equal(saved[key], tensor), (name, key)
+
     middle = run_dir / "checkpoints" / "step-5.ckpt"
     resumed, _ = train_run(tmp_path / "resumed", *STRATEGIES[name], *TWO_PROCESSES, f"resume={middle}")
     assert min(resumed) == 5  # it went on from step 5 ...
     for step in resumed:  # ... exactly as the uninterrupted run did
         assert resumed[step] == pytest.approx(losses[step], rel=1e-6), (name, step)
+
+
+@pytest.mark.slow
+def test_two_process_sft_equals_one_process(tmp_path):
+    """SFT divides each micro-batch's loss by the trained tokens of its whole optimizer step on all ranks
+    (step_tokens): right only if the ranks' micro-batches of a step are that step's items, in order."""
+    sft = ("+experiment=sft_tulu3", "+scale=tiny", "phase.init_from=null", "phase.max_steps=6")
+    _, one = train_run(tmp_path / "one", *sft, "context.micro_batch_size=8", experiment="sft_tulu3")
+    _, two = train_run(tmp_path / "two", *sft, *STRATEGIES["ddp"], *TWO_PROCESSES, experiment="sft_tulu3")
+    expected, trained = load_model(str(one)).state_dict(), load_model(str(two)).state_dict()
+    for key, tensor in expected.items():
+        difference = torch.linalg.vector_norm(trained[key] - tensor) / torch.linalg.vector_norm(tensor)
+        assert difference < 1e-4, (key, float(difference))
