@@ -15,7 +15,7 @@ pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 LOCAL_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
-SLURM_ENV = ("PARTITION", "ACCOUNT", "QOS", "NODES", "GPUS_PER_NODE", "CPUS_PER_TASK", "MEM_GB", "TIMEOUT_MIN")
+SLURM_ENV = ("PARTITION", "ACCOUNT", "QOS", "CPUS_PER_TASK", "MEM_GB", "TIMEOUT_MIN")
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def test_optuna_search_space_from_one_override(hydra_cfg):
 
 
 def test_slurm_launcher_runs_one_task_per_gpu(hydra_cfg):
-    hydra = hydra_cfg("hydra/launcher=slurm", "+experiment=phase1_2k")
+    hydra = hydra_cfg("hydra/launcher=slurm", "+experiment=phase1_2k", "hardware=ddp")
     launcher = hydra.launcher
     assert launcher._target_ == SLURM_LAUNCHER and get_class(launcher._target_).__name__ == "SlurmLauncher"
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (1, 8, 8)
@@ -61,13 +61,15 @@ def test_slurm_launcher_runs_one_task_per_gpu(hydra_cfg):
     assert launcher.submitit_folder == f"{hydra.sweep.dir}/.submitit/%j"
 
 
-def test_slurm_launcher_reads_the_environment(hydra_cfg, monkeypatch):
+def test_slurm_launcher_reads_the_environment_and_follows_the_hardware(hydra_cfg, monkeypatch):
     monkeypatch.setenv("MOXIN_SLURM_PARTITION", "h100")
-    monkeypatch.setenv("MOXIN_SLURM_NODES", "2")
-    monkeypatch.setenv("MOXIN_SLURM_GPUS_PER_NODE", "4")
-    launcher = hydra_cfg("hydra/launcher=slurm", "hydra.launcher.timeout_min=600").launcher
-    assert (launcher.partition, launcher.nodes, launcher.gpus_per_node) == ("h100", 2, 4)  # ints, not strings
-    assert launcher.tasks_per_node == 4 and launcher.timeout_min == 600
+    monkeypatch.setenv("MOXIN_SLURM_CPUS_PER_TASK", "16")
+    launcher = hydra_cfg("hydra/launcher=slurm", "hydra.launcher.timeout_min=600", "hardware=gpu").launcher
+    assert (launcher.partition, launcher.cpus_per_task, launcher.timeout_min) == ("h100", 16, 600)  # ints
+    # The documented multi-node command: 4 nodes x 8 GPUs, one srun task per GPU, as the trainer expects.
+    launcher = hydra_cfg("hydra/launcher=slurm", "+experiment=phase1_2k", "hardware=fsdp",
+                         "hardware.num_nodes=4").launcher
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (4, 8, 8)
 
 
 def test_local_submitit_launcher(hydra_cfg):
