@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.core.optimizer import do_nothing_closure
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -98,14 +99,25 @@ def make_plugin(name: str, options: dict):
     return getattr(plugins, PLUGINS[name])(**options)
 
 
+def gemini_optimizer(param_groups: list[dict], lr: float, betas, eps: float, weight_decay: float):
+    """Gemini steps only Colossal-AI's own Adam kernels: HybridAdam in AdamW mode (decoupled weight
+    decay), on the GPU or the CPU wherever Gemini placed each chunk."""
+    from colossalai.nn.optimizer import HybridAdam
+
+    return HybridAdam(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adamw_mode=True)
+
+
 class ColossalAIPrecision(Precision):
     """The plugin does mixed precision itself (its `precision` option); here the optimizer step runs the
     closure (forward, backward, clipping hooks) first, since Colossal-AI optimizers take no closure."""
 
     def optimizer_step(self, optimizer, model, closure, **kwargs):
         closure_result = self._wrap_closure(model, optimizer, closure)
-        if closure_result is None and getattr(model, "automatic_optimization", False):
-            return None  # training_step returned None: Lightning's convention to skip the step
+        # training_step returned None: Lightning's convention to skip the step. (A module stepping by
+        # hand, e.g. phase.nonfinite_loss=skip, passes no closure: then it has run its own already.)
+        if closure_result is None and closure is not do_nothing_closure and getattr(model, "automatic_optimization",
+                                                                                    False):
+            return None
         return optimizer.step(**kwargs)
 
     def clip_grad_by_norm(self, optimizer, clip_val) -> None:
@@ -127,6 +139,7 @@ class ColossalAIStrategy(DDPStrategy):
         self.plugin_name = plugin
         self.plugin_options = dict(plugin_options or {})
         self.booster = None
+        self._boosted = None  # the boosted module: Lightning re-connects the plain one at every fit/validate
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
@@ -143,15 +156,22 @@ class ColossalAIStrategy(DDPStrategy):
         self.model_to_device()
         if self.root_device.type == "cpu":
             _allow_cpu_synchronize()
-        if trainer.state.fn == TrainerFn.FITTING:
+        if trainer.state.fn == TrainerFn.FITTING and self._boosted is None:
+            if not self.lightning_module.automatic_optimization:
+                # Its backward passes run inside the wrapped module's forward, where the wrapper has not
+                # prepared its gradient synchronisation (nor ZeRO its gradient partitions).
+                raise ValueError(f"{type(self.lightning_module).__name__} optimizes by hand (GRPO), which the "
+                                 "Colossal-AI strategy does not support; use hardware=ddp")
             self.setup_optimizers(trainer)
             if len(self.optimizers) != 1:
                 raise ValueError("the Colossal-AI strategy boosts one optimizer; the module configured "
                                  f"{len(self.optimizers)}")
             self.booster = Booster(plugin=make_plugin(self.plugin_name, self.plugin_options))
-            self.model, optimizer, *_ = self.booster.boost(self.model, self.optimizers[0])
+            self._boosted, optimizer, *_ = self.booster.boost(self.model, self.optimizers[0])
             # The LR scheduler keeps driving the optimizer it was built on: the wrapper shares its param_groups.
             self.optimizers = [optimizer]
+        if self._boosted is not None:  # after fit (a final validation, the last save): still the boosted one
+            self.model = self._boosted
         self.setup_precision_plugin()
 
     def backward(self, closure_loss: torch.Tensor, optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -164,34 +184,43 @@ class ColossalAIStrategy(DDPStrategy):
 
     @contextmanager
     def block_backward_sync(self):
-        """No gradient all-reduce on the micro-batches before the last of an accumulated step."""
-        if self.booster is not None and self.booster.plugin.support_no_sync():
+        """No gradient all-reduce on the micro-batches before the last of an accumulated step (where the
+        plugin can: not ZeRO-2, whose gradient partitions are reduced as they are produced)."""
+        zero2 = self.plugin_options.get("zero_stage", self.plugin_options.get("stage")) == 2
+        if self.booster is not None and self.booster.plugin.support_no_sync() and not zero2:
             with self.booster.no_sync(self.model, self.optimizers[0]):
                 yield None
         else:
             yield None
 
     def teardown(self) -> None:
-        boosted = self.optimizers
-        self.optimizers = []  # the booster's optimizer wrappers have no `.state` for Lightning to move to the CPU
-        super().teardown()
-        self.optimizers = boosted  # trainer.save_checkpoint after fit still saves them
+        # Not Lightning's: it moves the module and optimizer states to the CPU, under the plugin's feet
+        # (its chunks, working weights and partitions); the last save and the export still use them.
+        if self.cluster_environment is not None:
+            self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
 
     # --- checkpoints ---
 
     def lightning_module_state_dict(self) -> dict:
         return {}  # the booster writes the model; see save_checkpoint
 
+    def optimizer_state(self, optimizer) -> dict:
+        return {}  # the booster writes the optimizer, each rank its partition (no gathering of ZeRO states)
+
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any = None) -> None:
         path = Path(self.broadcast(str(filepath)))
         if self.is_global_zero:
             if path.is_file():
                 path.unlink()
+            (path / META_FILE).unlink(missing_ok=True)  # incomplete until the new meta.pt is written
             path.mkdir(parents=True, exist_ok=True)
         self.barrier("colossalai_checkpoint_folder")
         checkpoint.pop("state_dict", None)
         checkpoint.pop("optimizer_states", None)
-        self.booster.save_model(self.model, str(path / "model"), shard=True)
+        self.booster.save_model(self._boosted, str(path / "model"), shard=True)
         self.booster.save_optimizer(self.optimizers[0], str(path / "optimizer"), shard=True)
         if self.is_global_zero:
             temporary = path / f"{META_FILE}.tmp"
@@ -203,7 +232,7 @@ class ColossalAIStrategy(DDPStrategy):
         path = Path(self.broadcast(str(checkpoint_path)))
         if not (path / META_FILE).is_file():
             raise FileNotFoundError(f"{path} is not a Colossal-AI checkpoint of this strategy (no {META_FILE})")
-        self.booster.load_model(self.model, str(path / "model"))
+        self.booster.load_model(self._boosted, str(path / "model"))
         self.booster.load_optimizer(self.optimizers[0], str(path / "optimizer"))
         checkpoint = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
         checkpoint["state_dict"] = {}  # the weights are in place already
@@ -218,8 +247,8 @@ class ColossalAIStrategy(DDPStrategy):
 
     def full_model_state_dict(self) -> dict:
         """The Transformer's whole state dict on rank 0 (collective under Gemini, whose chunks hold it)."""
-        if self.plugin_name == "gemini":
-            state = self.model.state_dict(only_rank_0=True)
+        if self.plugin_name == "gemini" and self._boosted is not None:
+            state = self._boosted.state_dict(only_rank_0=True)
         else:
             state = self.lightning_module.state_dict()
         return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}

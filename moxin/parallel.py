@@ -108,10 +108,24 @@ def shard_model(model: Transformer, mesh, fsdp: FSDPConfig) -> None:
     register_fsdp_forward_method(model, "hidden_states")
 
 
+def reshard(model: nn.Module) -> None:
+    """Free the gathered weights FSDP2 keeps after a forward pass without a backward (validation): the
+    root and the last block stay gathered, and their gathered tensors stand in the module's parameters
+    until then, where an optimizer built now would take them instead of the shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def parallelize(model: Transformer, parallel: ParallelConfig, mesh=None) -> None:
     """Apply the switches in torchtitan's order: activation checkpointing, compile, then FSDP.
-    Idempotent: Lightning calls configure_model at every fit and validate."""
+    Idempotent: Lightning calls configure_model at every fit and validate (before the optimizer is
+    built), so an already sharded model is only resharded."""
     if getattr(model, "_moxin_parallelized", False):
+        if parallel.strategy == "fsdp":
+            reshard(model)
         return
     if parallel.activation_checkpointing:
         checkpoint_activations(model)
@@ -141,9 +155,13 @@ def world_size(accelerator: str, devices, num_nodes: int) -> int:
     return per_node * num_nodes
 
 
-def build_strategy(parallel: ParallelConfig, processes: int, gradient_clip_val: float | None):
+def build_strategy(parallel: ParallelConfig, processes: int, gradient_clip_val: float | None,
+                   precision: str = "32-true"):
     """(Lightning strategy, the gradient clipping Lightning should do). Colossal-AI's ZeRO, Gemini and
     hybrid plugins clip inside their optimizers (max_norm), so Lightning then clips nothing."""
+    if parallel.strategy == "colossalai" and str(precision) not in ("32-true", "32"):
+        raise ValueError(f"hardware.precision={precision}: under Colossal-AI the plugin does mixed precision "
+                         "(hardware.colossalai.options.precision); keep hardware.precision=32-true")
     if parallel.strategy == "auto":
         return "auto", gradient_clip_val
     if parallel.strategy == "ddp":

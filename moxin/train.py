@@ -147,7 +147,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callba
     parallel = parallel or parallel_config(hw)
     processes = world_size(hw.accelerator, hw.devices, hw.num_nodes)
     accumulate = accumulation(cfg, processes)
-    strategy, gradient_clip_val = build_strategy(parallel, processes, phase.gradient_clip_val)
+    strategy, gradient_clip_val = build_strategy(parallel, processes, phase.gradient_clip_val, hw.precision)
     callbacks = [
         *callbacks,
         ThroughputMonitor(model_cfg.flops_per_token(cfg.context.seq_len), hw.peak_tflops),
@@ -171,6 +171,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callba
         callbacks=callbacks, enable_progress_bar=cfg.progress_bar, enable_model_summary=cfg.progress_bar,
         default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # the data modules shard by rank themselves, in order (moxin/data/datamodule.py)
+        # FSDP2 gathers weights into buffers it reuses in training: no inference tensors during validation.
+        inference_mode=parallel.strategy not in ("fsdp", "colossalai"),
     )
 
 
@@ -205,8 +207,7 @@ def build_module(cfg: DictConfig, model_cfg: ModelConfig, data_cfg, parallel: Pa
                          f"{data_format} data; pick a matching data option (see conf/data/)")
     if module_class.generates and parallel.shards_parameters:
         raise ValueError(f"phase.module={name} samples rollouts on each rank on its own, which a strategy that "
-                         f"shards the parameters ({parallel.strategy}) cannot run; use hardware=ddp or "
-                         "colossalai_zero2")
+                         f"shards the parameters ({parallel.strategy}) cannot run; use hardware=ddp")
     options = {key: instantiate(cfg.phase[key]) for key in module_class.phase_options if key in cfg.phase}
     module = module_class(model_cfg, instantiate(cfg.phase.optimizer),
                           nonfinite_loss=cfg.phase.get("nonfinite_loss", "stop"), **options)

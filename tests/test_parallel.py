@@ -119,6 +119,11 @@ def test_global_batch_tokens_sets_gradient_accumulation():
     cfg.phase.global_batch_tokens = 1_000_000
     with pytest.raises(ValueError, match="global_batch_tokens=1000000 is not a multiple"):
         accumulation(cfg, 8)
+    # The README's 4 x 8 GPU command: 4M tokens of 2K rows, 4 rows per GPU, 32 GPUs -> 16 micro-batches.
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=phase1_2k", "hardware=fsdp", "hardware.num_nodes=4",
+                                           "phase.global_batch_tokens=4194304"])
+    assert accumulation(cfg, world_size(cfg.hardware.accelerator, cfg.hardware.devices, cfg.hardware.num_nodes)) == 16
 
 
 def test_sharded_strategies_refuse_what_needs_one_rank_alone(make_cfg, tmp_path):
@@ -219,7 +224,9 @@ def test_resume_finds_complete_sharded_checkpoint_folders_only(tmp_path):
 
 # --- two processes on the CPU ---
 
-COMMON = ("phase.log_every_steps=1", "phase.validate_before_training=false",
+# Validation before training, at steps 4 and 8, and once more after the last step (10): the sharded
+# strategies must hand the optimizer its shards after it, and keep working after fit.
+COMMON = ("phase.log_every_steps=1", "phase.validate_before_training=true", "phase.val_every_steps=4",
           "phase.keep_checkpoints=-1", "hardware.onednn_linears=false", "eval.every_n_steps=0", "progress_bar=false",
           "logger=csv")
 TWO_PROCESSES = ("hardware.accelerator=cpu", "hardware.devices=2")
@@ -246,6 +253,11 @@ def train_run(root: Path, *overrides: str, experiment: str = "tiny_debug") -> tu
     return losses, run_dir
 
 
+def validation_losses(run_dir: Path) -> list[float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [float(row["val/loss"]) for row in csv.DictReader(f) if row.get("val/loss")]
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """The reference: one process with the global batch of two (2 x 4 rows)."""
@@ -260,6 +272,7 @@ def test_two_processes_match_one_and_resume_from_their_checkpoints(name, one_pro
     reference, reference_dir = one_process
     losses, run_dir = train_run(tmp_path / "full", *STRATEGIES[name], *TWO_PROCESSES)
     assert sorted(losses) == sorted(reference) and len(losses) == 10
+    assert validation_losses(run_dir) == pytest.approx(validation_losses(reference_dir), rel=1e-5)
     for step, loss in reference.items():  # fp32; the ranks' gradients are summed in another order
         assert losses[step] == pytest.approx(loss, rel=1e-5), (name, step)
     # The exported weights, gathered from the shards where the strategy shards them.
@@ -293,3 +306,59 @@ def test_two_process_sft_equals_one_process(tmp_path):
     for key, tensor in expected.items():
         difference = torch.linalg.vector_norm(trained[key] - tensor) / torch.linalg.vector_norm(tensor)
         assert difference < 1e-4, (key, float(difference))
+
+
+@pytest.mark.slow
+def test_dpo_under_fsdp_resumes_with_its_sharded_reference(tmp_path):
+    """DPO's frozen reference is sharded beside the policy; FSDP's folder checkpoints keep it, so a
+    resumed run loads every tensor it registered and goes on as the uninterrupted one did."""
+    start = tmp_path / "start"
+    torch.manual_seed(0)
+    from moxin.model import ModelConfig as Config
+
+    Transformer(Config(vocab_size=32000, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128,
+                       sliding_window=64, max_seq_len=256)).save_hf(str(start))
+    dpo = ("+experiment=dpo_tulu3", "+scale=tiny", f"phase.init_from={start}", "model.dim=64", "model.n_layers=2",
+           "model.head_dim=16", "model.hidden_dim=128", "phase.max_steps=6", "phase.checkpoint_every_steps=3",
+           "phase.val_every_steps=3", *STRATEGIES["fsdp"], *TWO_PROCESSES)
+    losses, run_dir = train_run(tmp_path / "full", *dpo, experiment="dpo_tulu3")
+    assert len(losses) == 6 and losses[0] == pytest.approx(0.6931, abs=1e-3)  # ln 2: policy = reference
+    resumed, _ = train_run(tmp_path / "resumed", *dpo, f"resume={run_dir / 'checkpoints' / 'step-3.ckpt'}",
+                           experiment="dpo_tulu3")
+    assert min(resumed) == 3
+    for step in resumed:
+        assert resumed[step] == pytest.approx(losses[step], rel=1e-5), step
+
+
+def test_resuming_on_another_number_of_ranks_warns(capsys):
+    from moxin.data.datamodule import ResumableDataModule
+
+    data = ResumableDataModule(micro_batch_size=2)
+    data.train_dataset = list(range(10))
+    data.load_state_dict({"consumed_samples": 4, "replicas": 2})
+    first = next(iter(data.train_dataloader()))
+    assert first.tolist() == [4, 5]  # one rank now: it goes on after the 4 samples consumed
+    assert "resuming on 1 data-parallel ranks a run checkpointed on 2" in capsys.readouterr().out
+
+
+@needs_colossalai
+def test_colossalai_step_is_skipped_only_for_a_skipped_training_step(monkeypatch):
+    """A training_step returning None skips the step; a module stepping by hand (nonfinite_loss=skip
+    runs its closure itself, then steps with none) still steps."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.core.optimizer import do_nothing_closure
+
+    from moxin.colossalai_strategy import ColossalAIPrecision
+
+    precision = ColossalAIPrecision()
+    monkeypatch.setattr(precision, "_after_closure", lambda model, optimizer: None)
+    steps = []
+    optimizer = SimpleNamespace(step=lambda: steps.append(1))
+    module = SimpleNamespace(automatic_optimization=True)
+    precision.optimizer_step(optimizer, module, lambda: None)  # training_step returned None
+    assert steps == []
+    precision.optimizer_step(optimizer, module, do_nothing_closure)
+    assert steps == [1]
+    precision.optimizer_step(optimizer, module, lambda: torch.tensor(1.0))
+    assert steps == [1, 1]

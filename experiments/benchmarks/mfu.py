@@ -4,8 +4,10 @@ One training step = forward (hidden states + the chunked LM-head cross-entropy o
 backward and a fused AdamW step, under bf16 autocast with fp32 weights (hardware=gpu's bf16-mixed).
 MFU = tokens/s x FLOPs per token / the device's dense bf16 peak, with FLOPs per token from
 ModelConfig.flops_per_token: 6 x (non-embedding parameters + LM head) + 12 x layers x heads x head_dim
-x attended keys (the convention of PaLM and torchtitan). The model has moxin_7b's width, heads, vocabulary
-and window; it keeps as many of the 36 blocks as fit in the device's memory (the output says how many).
+x min(seq, window), counting the whole key span although causal attention computes about half of it
+(the convention of PaLM and torchtitan, whose published MFU figures this one is comparable with).
+The model has moxin_7b's width, heads, vocabulary and window; it keeps as many of the 36 blocks as
+fit in the device's memory (the output says how many).
 "ours" is the compiled model (each block torch.compile'd, as hardware.compile=true does), "baseline"
 the same model eager.
 
@@ -19,6 +21,7 @@ agree, the figures are computed): its MFU says nothing about a GPU's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -28,7 +31,8 @@ from moxin.losses import linear_cross_entropy
 from moxin.model import ModelConfig, Transformer
 from moxin.parallel import checkpoint_activations, compile_blocks
 
-# Dense bf16 peaks (TFLOP/s, no sparsity), by a word of the device name.
+# Dense bf16 peaks (TFLOP/s, no sparsity), by a word of the device name; SXM parts (an H100 PCIe
+# card peaks at 756: give --peak-tflops 756).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
                     "B200": 2250.0, "GH200": 989.0}
 MOXIN_7B = ModelConfig()  # the defaults are moxin_7b's shapes (conf/model/moxin_7b.yaml)
@@ -43,15 +47,14 @@ def peak_tflops(device_name: str, given: float | None) -> float:
     raise SystemExit(f"no bf16 peak known for {device_name!r}: give --peak-tflops")
 
 
-def layers_that_fit(batch: int, seq: int, free_bytes: int, checkpointing: bool) -> int:
-    """Blocks of moxin_7b that fit: 16 bytes per parameter (fp32 weight and gradient, AdamW's two
-    moments) plus bf16 activations (~34 x seq x dim bytes per row, a 16th of that with checkpointing),
-    after the embedding and head and a margin for the allocator and the loss chunks."""
-    cfg = MOXIN_7B
-    per_block_params = (cfg.num_params(include_embeddings=False) - cfg.dim) // cfg.n_layers
-    activations = 34 * batch * seq * cfg.dim // (16 if checkpointing else 1)
-    fixed = 16 * 2 * cfg.vocab_size * cfg.dim + 8 * 2**30
-    return max(1, min(cfg.n_layers, int((free_bytes - fixed) // (16 * per_block_params + activations))))
+def layers_that_fit(args, device, dtype, free_bytes: int) -> int:
+    """Blocks of moxin_7b that fit: the peak memory of short runs with 1 and 2 blocks (weights, gradients,
+    AdamW states, autocast copies and activations), extrapolated to 90% of the free memory."""
+    probe = argparse.Namespace(**{**vars(args), "steps": 2, "warmup": 1})
+    peaks = [measure(ModelConfig(n_layers=n), probe, device, dtype, compiled=False)["peak_bytes"] for n in (1, 2)]
+    per_block = peaks[1] - peaks[0]
+    fixed = peaks[0] - per_block
+    return max(1, min(MOXIN_7B.n_layers, int((0.9 * free_bytes - fixed) // per_block)))
 
 
 def training_step(model: Transformer, optimizer, tokens: torch.Tensor, dtype) -> torch.Tensor:
@@ -89,11 +92,25 @@ def measure(cfg: ModelConfig, args, device, dtype, compiled: bool) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak_memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    del model, optimizer
+    del model, optimizer, batches
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"tokens_per_s": args.steps * args.batch * args.seq / seconds, "first_loss": first_loss,
-            "peak_memory_gib": round(peak_memory / 2**30, 1) if peak_memory else None}
+            "peak_bytes": peak_memory, "peak_memory_gib": round(peak_memory / 2**30, 1) if peak_memory else None}
+
+
+def measure_both(cfg: ModelConfig, args, device, dtype) -> tuple[ModelConfig, dict, dict]:
+    """Eager and compiled on the same blocks; on running out of memory, two blocks fewer for both."""
+    while True:
+        try:
+            return cfg, measure(cfg, args, device, dtype, compiled=False), measure(cfg, args, device, dtype,
+                                                                                  compiled=True)
+        except torch.OutOfMemoryError:
+            if cfg.n_layers <= 2:
+                raise
+            cfg = dataclasses.replace(cfg, n_layers=cfg.n_layers - 2)
+            torch.cuda.empty_cache()
+            print(f"out of memory: retrying with {cfg.n_layers} blocks", flush=True)
 
 
 def main() -> None:
@@ -113,17 +130,15 @@ def main() -> None:
         name = torch.cuda.get_device_name()
         peak = peak_tflops(name, args.peak_tflops)
         free, _ = torch.cuda.mem_get_info()
-        layers = (layers_that_fit(args.batch, args.seq, free, args.activation_checkpointing)
-                  if args.layers == "auto" else int(args.layers))
+        layers = layers_that_fit(args, device, dtype, free) if args.layers == "auto" else int(args.layers)
         cfg = ModelConfig(n_layers=layers)
     else:  # correctness only: a small model of the same family, fp32
         device, dtype, name, peak = torch.device("cpu"), torch.float32, "cpu", args.peak_tflops or 0.45
         args.seq, args.batch, args.steps, args.warmup = min(args.seq, 256), min(args.batch, 2), min(args.steps, 3), 2
         cfg = ModelConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=768,
                           sliding_window=256, max_seq_len=512)
-        layers = cfg.n_layers
-    eager = measure(cfg, args, device, dtype, compiled=False)
-    compiled = measure(cfg, args, device, dtype, compiled=True)
+    cfg, eager, compiled = measure_both(cfg, args, device, dtype)
+    layers = cfg.n_layers
     flops_per_token = cfg.flops_per_token(args.seq)
     mfu = compiled["tokens_per_s"] * flops_per_token / (peak * 1e12)
     # The first step runs before any update: compiled and eager must compute the same loss.

@@ -120,6 +120,8 @@ class ResumableDataModule(L.LightningDataModule):
         self.val_dataset = None
         self.summary: dict[str, Any] = {}
         self.resume_samples = 0  # training samples consumed before the checkpoint we resume from
+        self.resume_replicas: int | None = None  # data-parallel ranks of the run that wrote that checkpoint
+        self._train_sampler: ResumeSampler | None = None
 
     def world_size(self) -> int:
         return data_parallel_rank(self.trainer)[1]
@@ -130,11 +132,15 @@ class ResumableDataModule(L.LightningDataModule):
         dataset = self.train_dataset
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
-        per_step = self.micro_batch_size * self.world_size()
-        per_epoch = len(dataset) // per_step * per_step
-        start = self.resume_samples % per_epoch if per_epoch else 0
         rank, world = data_parallel_rank(self.trainer)
-        return self._loader(dataset, drop_last=True, sampler=ResumeSampler(len(dataset), start, rank, world))
+        self._train_sampler = ResumeSampler(len(dataset), self._resume_start(), rank, world)
+        return self._loader(dataset, drop_last=True, sampler=self._train_sampler)
+
+    def _resume_start(self) -> int:
+        """Where the first pass begins: after the samples consumed, within the current pass."""
+        per_step = self.micro_batch_size * self.world_size()
+        per_epoch = len(self.train_dataset) // per_step * per_step
+        return self.resume_samples % per_epoch if per_epoch else 0
 
     def state_dict(self) -> dict[str, int]:
         """Saved in Lightning checkpoints: how many training samples all ranks have consumed."""
@@ -145,10 +151,24 @@ class ResumableDataModule(L.LightningDataModule):
         batches = getattr(trainer.lightning_module, "consumed_batches", None)
         if batches is None:
             batches = trainer.global_step * trainer.accumulate_grad_batches
-        return {"consumed_samples": batches * self.micro_batch_size * self.world_size()}
+        return {"consumed_samples": batches * self.micro_batch_size * self.world_size(),
+                "replicas": self.world_size()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.resume_samples = int(state.get("consumed_samples", 0))
+        self.resume_replicas = state.get("replicas")
+        world = self.world_size()
+        if self.resume_replicas not in (None, world):
+            message = (f"resuming on {world} data-parallel ranks a run checkpointed on {self.resume_replicas}: the "
+                       f"data continues after the {self.resume_samples} samples consumed, but the epoch's remaining "
+                       "batches are counted per rank, so the rest of the run is not the one an uninterrupted run "
+                       "would see")
+            logging.getLogger(__name__).warning(message)
+            print(f"WARNING: {message}")
+        if self._train_sampler is not None:
+            # Strategies that restore after setting up (FSDP, Colossal-AI) may have built the loader
+            # already, to size the LR schedule: its sampler has not started yet, so it can still move.
+            self._train_sampler.start = self._resume_start()
 
     def val_dataloader(self) -> DataLoader:
         rank, world = data_parallel_rank(self.trainer)

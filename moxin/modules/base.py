@@ -122,10 +122,15 @@ class MoxinModule(L.LightningModule):
         fused = self.optim.fused
         if fused is None:
             fused = next(self.model.parameters()).device.type in ("cuda", "cpu")
-        optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, self.optim.weight_decay), lr=self.optim.lr,
-            betas=self.optim.betas, eps=self.optim.eps, fused=fused,
-        )
+        groups = parameter_groups(self.model, self.optim.weight_decay)
+        if self.parallel.strategy == "colossalai" and self.parallel.colossalai.plugin == "gemini":
+            from moxin.colossalai_strategy import gemini_optimizer
+
+            o = self.optim
+            optimizer = gemini_optimizer(groups, o.lr, o.betas, o.eps, o.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps,
+                                          fused=fused)
         total, o = self.total_steps(), self.optim
         warmup = o.warmup_steps if o.warmup_ratio is None else round(o.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(

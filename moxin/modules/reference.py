@@ -1,7 +1,8 @@
 """A frozen reference policy beside the trained one (DPO, GRPO's KL term).
 
 The reference is a copy of the starting weights. It is left out of checkpoints (it would double
-their size) and rebuilt from the starting weights when a run resumes; the starting weights'
+their size; under FSDP it stays in, since FSDP restores every registered tensor) and rebuilt from
+the starting weights when a run resumes; the starting weights'
 fingerprint is saved, so a resume from other weights is refused instead of silently changing it.
 """
 
@@ -43,7 +44,9 @@ class ReferencePolicy:
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("reference.")}
+        if self.parallel.strategy != "fsdp":  # FSDP loads a checkpoint into every registered tensor: keep it
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if not k.startswith("reference.")}
         checkpoint["reference_id"] = self._reference_id
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -52,5 +55,6 @@ class ReferencePolicy:
         if saved is not None and saved != self._reference_id:
             raise ValueError("this checkpoint was trained against other reference weights than phase.init_from "
                              "gives now; resume with the run's original init_from")
-        if self.reference is not None:
-            checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+        state = checkpoint.get("state_dict")  # absent when the strategy loaded the weights itself (FSDP's folders)
+        if self.reference is not None and state is not None and not any(k.startswith("reference.") for k in state):
+            state.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
