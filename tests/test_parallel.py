@@ -362,3 +362,29 @@ def test_colossalai_step_is_skipped_only_for_a_skipped_training_step(monkeypatch
     assert steps == [1]
     precision.optimizer_step(optimizer, module, lambda: torch.tensor(1.0))
     assert steps == [1, 1]
+
+
+def test_checkpointing_and_compile_switches_train_like_the_plain_model(make_cfg, tmp_path, monkeypatch):
+    """hardware.activation_checkpointing and hardware.compile through the trainer: the same losses and
+    the same exported weights as without them (aot_eager: torch.compile's graphs without a C compiler)."""
+    import moxin.parallel
+    from moxin.train import run
+
+    applied = []
+    for name in ("checkpoint_activations", "compile_blocks"):
+        original = getattr(moxin.parallel, name)
+        monkeypatch.setattr(moxin.parallel, name,
+                            lambda model, *args, _f=original, _n=name: (applied.append(_n), _f(model, *args))[1])
+
+    steps = ("+experiment=tiny_debug", "phase.max_steps=4", "phase.val_every_steps=2", "phase.log_every_steps=1",
+             "eval.every_n_steps=0")
+    plain = run(make_cfg(*steps, run_name="plain"))
+    assert applied == []
+    switched = run(make_cfg(*steps, "hardware.activation_checkpointing=true", "hardware.compile=true",
+                            "hardware.compile_backend=aot_eager", run_name="switched"))
+    assert applied == ["checkpoint_activations", "compile_blocks"]  # once, though fit and validate both ran
+    assert switched["val/loss"] == pytest.approx(plain["val/loss"], rel=1e-5)
+    assert switched["train/loss"] == pytest.approx(plain["train/loss"], rel=1e-5)
+    expected = load_model(str(tmp_path / "plain")).state_dict()
+    for key, tensor in load_model(str(tmp_path / "switched")).state_dict().items():
+        torch.testing.assert_close(tensor, expected[key], rtol=1e-4, atol=1e-6, msg=key)
