@@ -166,6 +166,14 @@ def model_from_hf_state(cfg: ModelConfig, hf_state: dict[str, torch.Tensor], sou
 
 def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict(assign=True) with errors that name the offending tensor."""
+    check_state_dict(model, state, source)
+    model.load_state_dict(state, assign=True)
+    if model.config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise, naming the tensor, unless `state` has exactly the model's tensors in the model's shapes."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
@@ -177,9 +185,6 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
                 f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
                 f"the model expects {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(state, assign=True)
-    if model.config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
 
 
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:

@@ -138,6 +138,22 @@ def parallelize(model: Transformer, parallel: ParallelConfig, mesh=None) -> None
     model._moxin_parallelized = True
 
 
+def on_meta_device(model: nn.Module) -> bool:
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+def materialize(model: nn.Module, state: dict | None, device, broadcast: bool) -> None:
+    """Give a model built on the meta device and sharded its storage on `device`, then (broadcast=True)
+    the full weights `state` that rank 0 holds, each rank keeping its shard of them. Only rank 0 ever
+    holds the whole model; the others pass None. Resuming, the checkpoint fills the storage instead."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    if broadcast:
+        set_model_state_dict(model, state or {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
 # --- the Lightning strategy ---
 
 def world_size(accelerator: str, devices, num_nodes: int) -> int:

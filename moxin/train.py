@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -29,7 +31,7 @@ from moxin.eval.commands import eval_data_task, evaluate_task, suite_from_config
 from moxin.generate import generate
 from moxin.interactive import chat_task, generate_task
 from moxin.kernels import onednn_enabled, use_onednn_linears
-from moxin.model import ModelConfig
+from moxin.model import ModelConfig, Transformer
 from moxin.modules import MODULES
 from moxin.parallel import ParallelConfig, build_strategy, exportable_model, world_size
 from moxin.quant_eval import quant_eval_task
@@ -186,16 +188,32 @@ def start_weights(init_from: str) -> dict:
     return load_model(init_from).state_dict()
 
 
-def init_weights(module, init_from: str, state: dict) -> None:
-    """Start from another run's weights (`state`, read by start_weights from init_from)."""
-    from moxin.hf import load_state_dict_checked
+def init_weights(module, init_from: str, state: dict | None) -> None:
+    """Start from another run's weights (`state`, read by start_weights from init_from). Under FSDP the
+    model is still on the meta device: rank 0 keeps them to broadcast (the other ranks get None)."""
+    from moxin.hf import check_state_dict, load_state_dict_checked
 
-    load_state_dict_checked(module.model, dict(state), source=init_from)  # names a mismatched tensor
+    if module.parallel.strategy == "fsdp":
+        if state is not None:
+            check_state_dict(module.model, state, source=init_from)
+            module.initial_state = dict(state)
+    else:
+        load_state_dict_checked(module.model, dict(state), source=init_from)  # names a mismatched tensor
     print(f"Initialised the weights from {init_from}")
 
 
-def build_module(cfg: DictConfig, model_cfg: ModelConfig, data_cfg, parallel: ParallelConfig | None = None):
-    """The phase's LightningModule, after checking that the data is the kind it trains on."""
+def holds_full_model(parallel: ParallelConfig) -> bool:
+    """Whether this process builds the whole model: all of them, except under FSDP, where only rank 0
+    does (the rank Lightning reads from the environment: RANK, LOCAL_RANK or SLURM_PROCID; before the
+    processes start, the launching process is rank 0)."""
+    return parallel.strategy != "fsdp" or rank_zero_only.rank == 0
+
+
+def build_module(cfg: DictConfig, model_cfg: ModelConfig, data_cfg, parallel: ParallelConfig | None = None,
+                 random_init: bool = True):
+    """The phase's LightningModule, after checking that the data is the kind it trains on. Under FSDP
+    its model is built on the meta device, and rank 0 alone draws the random starting weights (when the
+    run starts from them), which it broadcasts once the model is sharded."""
     name = cfg.phase.module
     parallel = parallel or ParallelConfig()
     if name not in MODULES:
@@ -209,9 +227,12 @@ def build_module(cfg: DictConfig, model_cfg: ModelConfig, data_cfg, parallel: Pa
         raise ValueError(f"phase.module={name} samples rollouts on each rank on its own, which a strategy that "
                          f"shards the parameters ({parallel.strategy}) cannot run; use hardware=ddp")
     options = {key: instantiate(cfg.phase[key]) for key in module_class.phase_options if key in cfg.phase}
-    module = module_class(model_cfg, instantiate(cfg.phase.optimizer),
-                          nonfinite_loss=cfg.phase.get("nonfinite_loss", "stop"), **options)
+    with torch.device("meta") if parallel.strategy == "fsdp" else contextlib.nullcontext():
+        module = module_class(model_cfg, instantiate(cfg.phase.optimizer),
+                              nonfinite_loss=cfg.phase.get("nonfinite_loss", "stop"), **options)
     module.parallel = parallel
+    if parallel.strategy == "fsdp" and random_init and holds_full_model(parallel):
+        module.initial_state = Transformer(model_cfg).state_dict()  # the draws one process would make
     return module
 
 
@@ -238,7 +259,12 @@ def train(cfg: DictConfig) -> dict:
         logging.getLogger(__name__).warning("data mix: %s", data_cfg.warning)
         print(f"WARNING (data mix): {data_cfg.warning}")
     parallel = parallel_config(cfg.hardware)
-    module = build_module(cfg, model_cfg, data_cfg, parallel)
+    for folder in (run_dir, Path(cfg.paths.checkpoint_search_dir)):  # saves cut short by a kill
+        for leftover in folder.glob("**/*.ckpt.*.tmp"):
+            leftover.unlink(missing_ok=True)
+    checkpoint = find_resume_checkpoint(cfg.resume, cfg.paths.checkpoint_search_dir)
+    init_from = cfg.phase.get("init_from")
+    module = build_module(cfg, model_cfg, data_cfg, parallel, random_init=checkpoint is None and not init_from)
     chat = isinstance(data_cfg, ChatDataConfig)
     datamodule = chat_datamodule(data_cfg) if chat else PretrainDataModule(data_cfg)
     callbacks = eval_callbacks(cfg, load_tokenizer(data_cfg.tokenizer), run_dir, parallel)
@@ -249,14 +275,13 @@ def train(cfg: DictConfig) -> dict:
         data_cfg.num_samples = (cfg.phase.max_steps * trainer.accumulate_grad_batches
                                 * data_cfg.micro_batch_size * trainer.world_size)
 
-    for folder in (run_dir, Path(cfg.paths.checkpoint_search_dir)):  # saves cut short by a kill
-        for leftover in folder.glob("**/*.ckpt.*.tmp"):
-            leftover.unlink(missing_ok=True)
-    checkpoint = find_resume_checkpoint(cfg.resume, cfg.paths.checkpoint_search_dir)
-    init_from = cfg.phase.get("init_from")
     needs_reference = hasattr(module, "set_reference")  # DPO: the starting weights, resumed or not
+    # Under FSDP, rank 0 alone reads the starting weights (unless each rank needs them whole) and hands
+    # each rank its shard once the model is sharded (moxin/parallel.py materialize).
+    module.broadcast_initial_state = checkpoint is None
+    reads_weights = holds_full_model(parallel) or module.start_weights_on_every_rank()
     if init_from and (checkpoint is None or needs_reference):
-        state = start_weights(init_from)
+        state = start_weights(init_from) if reads_weights else None
         if checkpoint is None:
             init_weights(module, init_from, state)  # weights only: optimizer and schedule start fresh
         if needs_reference:

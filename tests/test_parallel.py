@@ -388,3 +388,25 @@ def test_checkpointing_and_compile_switches_train_like_the_plain_model(make_cfg,
     expected = load_model(str(tmp_path / "plain")).state_dict()
     for key, tensor in load_model(str(tmp_path / "switched")).state_dict().items():
         torch.testing.assert_close(tensor, expected[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_fsdp_builds_on_the_meta_device_and_only_rank_zero_holds_the_weights(make_cfg, monkeypatch):
+    from hydra.utils import instantiate
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from moxin.parallel import on_meta_device
+
+    cfg = make_cfg("+experiment=tiny_debug")
+    model_cfg, data_cfg, fsdp = instantiate(cfg.model), instantiate(cfg.data), ParallelConfig(strategy="fsdp")
+    torch.manual_seed(3)
+    expected = Transformer(model_cfg).state_dict()  # what one process would draw after the same seed
+    torch.manual_seed(3)
+    module = build_module(cfg, model_cfg, data_cfg, fsdp)
+    assert on_meta_device(module.model)  # no rank allocates the whole model for its own use
+    assert module.initial_state.keys() == expected.keys()
+    assert all(torch.equal(module.initial_state[k], expected[k]) for k in expected)
+    assert build_module(cfg, model_cfg, data_cfg, fsdp, random_init=False).initial_state is None  # resumed
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    other = build_module(cfg, model_cfg, data_cfg, fsdp)
+    assert on_meta_device(other.model) and other.initial_state is None  # rank 1 receives its shard
+    assert not on_meta_device(build_module(cfg, model_cfg, data_cfg, ParallelConfig(strategy="ddp")).model)

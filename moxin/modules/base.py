@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from moxin.model import ModelConfig, Transformer
-from moxin.parallel import ParallelConfig, parallelize
+from moxin.parallel import ParallelConfig, materialize, on_meta_device, parallelize
 
 
 @dataclass
@@ -102,15 +102,31 @@ class MoxinModule(L.LightningModule):
         self.model = Transformer(model_config)
         self.tokens_seen = 0  # training tokens consumed; part of the checkpoint
         self.parallel = ParallelConfig()  # the hardware option's strategy and switches (moxin.train sets it)
+        # FSDP builds the model on the meta device: rank 0's full starting weights (None elsewhere), and
+        # whether to broadcast them once it is sharded (not when a checkpoint will fill it).
+        self.initial_state: dict[str, torch.Tensor] | None = None
+        self.broadcast_initial_state = False
+
+    def start_weights_on_every_rank(self) -> bool:
+        """Whether each rank needs the whole starting weights even under FSDP (DPO's cached reference)."""
+        return False
 
     def configure_model(self) -> None:
         """Lightning's hook for parallelism: checkpointing, compile and FSDP2 from the hardware option.
         A frozen reference policy (DPO, GRPO) is sharded like the policy but never compiled or checkpointed."""
-        mesh = self.device_mesh["data_parallel"] if self.parallel.strategy == "fsdp" else None
+        fsdp = self.parallel.strategy == "fsdp"
+        mesh = self.device_mesh["data_parallel"] if fsdp else None
         parallelize(self.model, self.parallel, mesh)
+        if fsdp and on_meta_device(self.model):
+            materialize(self.model, self.initial_state, self.trainer.strategy.root_device,
+                        self.broadcast_initial_state)
+            self.initial_state = None
         reference = getattr(self, "reference", None)
-        if isinstance(reference, torch.nn.Module) and self.parallel.strategy == "fsdp":
+        if isinstance(reference, torch.nn.Module) and fsdp:
             parallelize(reference, ParallelConfig(strategy="fsdp", fsdp=self.parallel.fsdp), mesh)
+            if on_meta_device(reference):
+                materialize(reference, self.reference_state, self.trainer.strategy.root_device, broadcast=True)
+                self.reference_state = None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)

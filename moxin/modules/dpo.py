@@ -59,6 +59,9 @@ class DPOModule(ReferencePolicy, MoxinModule):
     def keeps_reference_copy(self) -> bool:
         return self.dpo.reference == "copy"
 
+    def start_weights_on_every_rank(self) -> bool:
+        return self.dpo.reference == "cached"  # each rank computes its share of the log-probs
+
     def set_reference(self, state_dict: dict[str, torch.Tensor]) -> None:
         super().set_reference(state_dict)
         if self.dpo.reference == "cached":  # kept on the host until the log-probs are computed

@@ -34,12 +34,21 @@ class ReferencePolicy:
     def keeps_reference_copy(self) -> bool:
         return True
 
-    def set_reference(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """The starting weights, which are the reference policy. Called before training, fresh or resumed."""
-        self._reference_id = weights_fingerprint(state_dict)
+    reference_state = None  # FSDP: the weights rank 0 broadcasts into the sharded reference (configure_model)
+
+    def set_reference(self, state_dict: dict[str, torch.Tensor] | None) -> None:
+        """The starting weights, which are the reference policy. Called before training, fresh or resumed.
+        Under FSDP only rank 0 has them (None elsewhere): the reference is built on the meta device and
+        filled from rank 0 once sharded."""
+        self._reference_id = weights_fingerprint(state_dict) if state_dict is not None else None
         if self.keeps_reference_copy():
-            self.reference = Transformer(self.model_config)
-            self.reference.load_state_dict(state_dict)
+            if self.parallel.strategy == "fsdp":
+                with torch.device("meta"):
+                    self.reference = Transformer(self.model_config)
+                self.reference_state = state_dict
+            else:
+                self.reference = Transformer(self.model_config)
+                self.reference.load_state_dict(state_dict)
             self.reference.requires_grad_(False)  # no dropout in the model: train mode computes the same
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -52,7 +61,7 @@ class ReferencePolicy:
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("reference_id", checkpoint.get("dpo_reference_id"))  # (the older key)
-        if saved is not None and saved != self._reference_id:
+        if saved is not None and self._reference_id is not None and saved != self._reference_id:
             raise ValueError("this checkpoint was trained against other reference weights than phase.init_from "
                              "gives now; resume with the run's original init_from")
         state = checkpoint.get("state_dict")  # absent when the strategy loaded the weights itself (FSDP's folders)
