@@ -69,7 +69,8 @@ def _dcp_model_state(path: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         empty = Transformer(cfg).to_empty(device="cpu")  # storage to read into, not initialised
     state = {"state_dict": {f"model.{k}": v for k, v in empty.state_dict().items()}}
-    dcp.load(state, checkpoint_id=path)  # fills the tensors in place, from every rank's shard file
+    # no_dist: this process alone reads it, even inside a distributed run (a later recipe stage's init_from).
+    dcp.load(state, checkpoint_id=path, no_dist=True)  # fills the tensors in place, from every rank's shard file
     return state["state_dict"]
 
 

@@ -150,7 +150,8 @@ def materialize(model: nn.Module, state: dict | None, device, broadcast: bool) -
 
     model.to_empty(device=device)
     if broadcast:
-        set_model_state_dict(model, state or {},
+        # A copy: set_model_state_dict puts the model's shards into the dict it is given.
+        set_model_state_dict(model, dict(state or {}),
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 

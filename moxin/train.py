@@ -178,14 +178,21 @@ def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callba
     )
 
 
-def start_weights(init_from: str) -> dict:
-    """The weights a phase starts from (a checkpoint, a run folder or a Hugging Face folder)."""
-    from moxin.checkpoint import load_model
+def start_weights(init_from: str, read: bool = True) -> dict | None:
+    """The weights a phase starts from (a checkpoint, a run folder or a Hugging Face folder), in fp32:
+    training keeps fp32 weights whatever the file stores (bf16-mixed computes in bf16 from them).
+    read=False (FSDP's ranks other than 0) only checks that init_from names something, so that a wrong
+    path stops every rank, not rank 0 alone."""
+    from moxin.checkpoint import load_model, resolve_model_path
 
     if init_from == "previous":
         raise ValueError("phase.init_from=previous names the previous stage of a recipe; outside a recipe "
                          "(python run.py +recipe=NAME) give a checkpoint, a run folder or a Hugging Face folder")
-    return load_model(init_from).state_dict()
+    if not read:
+        resolve_model_path(init_from)
+        return None
+    return {name: tensor.float() if tensor.is_floating_point() else tensor
+            for name, tensor in load_model(init_from).state_dict().items()}
 
 
 def init_weights(module, init_from: str, state: dict | None) -> None:
@@ -194,7 +201,7 @@ def init_weights(module, init_from: str, state: dict | None) -> None:
     from moxin.hf import check_state_dict, load_state_dict_checked
 
     if module.parallel.strategy == "fsdp":
-        if state is not None:
+        if state is not None and holds_full_model(module.parallel):  # (DPO's cached reference: every rank)
             check_state_dict(module.model, state, source=init_from)
             module.initial_state = dict(state)
     else:
@@ -281,7 +288,7 @@ def train(cfg: DictConfig) -> dict:
     module.broadcast_initial_state = checkpoint is None
     reads_weights = holds_full_model(parallel) or module.start_weights_on_every_rank()
     if init_from and (checkpoint is None or needs_reference):
-        state = start_weights(init_from) if reads_weights else None
+        state = start_weights(init_from, read=reads_weights)
         if checkpoint is None:
             init_weights(module, init_from, state)  # weights only: optimizer and schedule start fresh
         if needs_reference:

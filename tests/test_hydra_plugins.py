@@ -70,6 +70,7 @@ def test_slurm_launcher_reads_the_environment_and_follows_the_hardware(hydra_cfg
     launcher = hydra_cfg("hydra/launcher=slurm", "+experiment=phase1_2k", "hardware=fsdp",
                          "hardware.num_nodes=4").launcher
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (4, 8, 8)
+    assert "export SLURM_KILL_BAD_EXIT=1" in launcher.setup  # one failing rank ends them all
 
 
 def test_local_submitit_launcher(hydra_cfg):

@@ -410,3 +410,15 @@ def test_fsdp_builds_on_the_meta_device_and_only_rank_zero_holds_the_weights(mak
     other = build_module(cfg, model_cfg, data_cfg, fsdp)
     assert on_meta_device(other.model) and other.initial_state is None  # rank 1 receives its shard
     assert not on_meta_device(build_module(cfg, model_cfg, data_cfg, ParallelConfig(strategy="ddp")).model)
+
+
+def test_start_weights_are_fp32_and_every_rank_checks_the_path(tmp_path):
+    from moxin.train import start_weights
+
+    model = tiny_model().to(torch.bfloat16)  # e.g. released weights stored in bf16
+    model.save_hf(str(tmp_path / "bf16"))
+    state = start_weights(str(tmp_path / "bf16"))
+    assert all(tensor.dtype == torch.float32 for tensor in state.values())  # fp32 weights to train
+    assert start_weights(str(tmp_path / "bf16"), read=False) is None  # FSDP's other ranks: checked, not read
+    with pytest.raises(FileNotFoundError):
+        start_weights(str(tmp_path / "missing"), read=False)

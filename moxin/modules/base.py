@@ -118,6 +118,10 @@ class MoxinModule(L.LightningModule):
         mesh = self.device_mesh["data_parallel"] if fsdp else None
         parallelize(self.model, self.parallel, mesh)
         if fsdp and on_meta_device(self.model):
+            if self.broadcast_initial_state and not self.trainer.strategy.broadcast(self.initial_state is not None):
+                raise RuntimeError("FSDP: the process group's rank 0 has no starting weights to broadcast: the "
+                                   "launcher's rank variables (RANK, LOCAL_RANK, SLURM_PROCID) name another process "
+                                   "rank 0 than the process group does")
             materialize(self.model, self.initial_state, self.trainer.strategy.root_device,
                         self.broadcast_initial_state)
             self.initial_state = None

@@ -65,7 +65,10 @@ class DPOModule(ReferencePolicy, MoxinModule):
     def set_reference(self, state_dict: dict[str, torch.Tensor]) -> None:
         super().set_reference(state_dict)
         if self.dpo.reference == "cached":  # kept on the host until the log-probs are computed
-            self._start_state = {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+            if self.parallel.strategy == "fsdp":  # nothing else holds these tensors: no copy needed
+                self._start_state = dict(state_dict)
+            else:
+                self._start_state = {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
     # --- log-probabilities ---
 

@@ -61,7 +61,10 @@ class ReferencePolicy:
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("reference_id", checkpoint.get("dpo_reference_id"))  # (the older key)
-        if saved is not None and self._reference_id is not None and saved != self._reference_id:
+        ours = self._reference_id
+        if self.parallel.strategy == "fsdp":  # only rank 0 read the starting weights: its verdict for all ranks
+            ours = self.trainer.strategy.broadcast(ours)
+        if saved is not None and ours is not None and saved != ours:
             raise ValueError("this checkpoint was trained against other reference weights than phase.init_from "
                              "gives now; resume with the run's original init_from")
         state = checkpoint.get("state_dict")  # absent when the strategy loaded the weights itself (FSDP's folders)
