@@ -239,12 +239,13 @@ STRATEGIES = {
 }
 
 
-def train_run(root: Path, *overrides: str, experiment: str = "tiny_debug") -> tuple[dict[int, float], Path]:
-    """Run run.py in its own process; (train/loss per step, run folder)."""
+def train_run(root: Path, *overrides: str, experiment: str = "tiny_debug",
+              launcher: tuple[str, ...] = ()) -> tuple[dict[int, float], Path]:
+    """Run run.py in its own process (or under `launcher`); (train/loss per step, run folder)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not any(o.startswith("+experiment=") for o in overrides):
         overrides = (f"+experiment={experiment}", *overrides)
-    done = subprocess.run([sys.executable, "run.py", *COMMON, f"paths.output_root={root}", *overrides],
+    done = subprocess.run([sys.executable, *launcher, "run.py", *COMMON, f"paths.output_root={root}", *overrides],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (run_dir,) = (root / experiment).iterdir()
@@ -293,6 +294,19 @@ def test_two_processes_match_one_and_resume_from_their_checkpoints(name, one_pro
     assert min(resumed) == 5  # it went on from step 5 ...
     for step in resumed:  # ... exactly as the uninterrupted run did
         assert resumed[step] == pytest.approx(losses[step], rel=1e-6), (name, step)
+
+
+@pytest.mark.slow
+def test_torchrun_launch_matches_one_process(one_process, tmp_path):
+    """The multi-node path on one node: torchrun starts the ranks (Lightning reads its environment instead
+    of starting processes), every rank composes its config, and all share the run folder they are given."""
+    reference, _ = one_process
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")  # a free port
+    losses, run_dir = train_run(tmp_path, *STRATEGIES["fsdp"], *TWO_PROCESSES,
+                                f"hydra.run.dir={tmp_path / 'tiny_debug' / 'shared'}", launcher=torchrun)
+    assert run_dir.name == "shared" and (run_dir / "final" / "model.safetensors").exists()
+    for step, loss in reference.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5), step
 
 
 @pytest.mark.slow
