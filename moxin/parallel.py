@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import types
 from dataclasses import dataclass, field
 
@@ -65,31 +66,28 @@ class ParallelConfig:
 
 # --- the switches, applied per block ---
 
-def checkpoint_activations(model: Transformer) -> None:
-    """Each block keeps only its input during training and recomputes the rest in the backward pass.
-    The block's forward is replaced on the instance, so parameter names (and checkpoints) do not change."""
+def wrap_training_forwards(model: Transformer, wrap) -> None:
+    """Each block runs `wrap(its forward)` while gradients are on, and its plain forward otherwise
+    (validation, generation with its changing cache shapes). The forward is replaced on the instance,
+    so parameter names (and checkpoints) do not change."""
     for block in model.layers:
         plain = block.forward
+        training = wrap(plain)
 
-        def forward(self, *args, _plain=plain):
-            if not torch.is_grad_enabled():  # validation and generation: nothing to save memory for
-                return _plain(*args)
-            return checkpoint(_plain, *args, use_reentrant=False)
+        def forward(self, *args, _plain=plain, _training=training):
+            return _training(*args) if torch.is_grad_enabled() else _plain(*args)
 
         block.forward = types.MethodType(forward, block)
+
+
+def checkpoint_activations(model: Transformer) -> None:
+    """Each block keeps only its input during training and recomputes the rest in the backward pass."""
+    wrap_training_forwards(model, lambda plain: functools.partial(checkpoint, plain, use_reentrant=False))
 
 
 def compile_blocks(model: Transformer, backend: str = "inductor") -> None:
-    """torch.compile each block's training forward (one compiled graph serves all blocks of a shape).
-    Without gradients (validation, generation with its changing cache shapes) the eager forward runs."""
-    for block in model.layers:
-        plain = block.forward
-        compiled = torch.compile(plain, backend=backend)
-
-        def forward(self, *args, _plain=plain, _compiled=compiled):
-            return _compiled(*args) if torch.is_grad_enabled() else _plain(*args)
-
-        block.forward = types.MethodType(forward, block)
+    """torch.compile each block's training forward (one compiled graph serves all blocks of a shape)."""
+    wrap_training_forwards(model, lambda plain: torch.compile(plain, backend=backend))
 
 
 def shard_model(model: Transformer, mesh, fsdp: FSDPConfig) -> None:

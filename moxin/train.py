@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moxin.callbacks import ThroughputMonitor
 from moxin.chat import CHAT_TEMPLATE, chat_prompt
+from moxin.checkpoint import is_sharded_checkpoint
 from moxin.checkpoint_io import AtomicCheckpointIO
 from moxin.curate.task import prepare_data_task
 from moxin.data import DataConfig, PretrainDataModule
@@ -75,11 +76,9 @@ def model_config_for_context(model: ModelConfig, context: DictConfig) -> ModelCo
 
 
 def is_checkpoint(path: str) -> bool:
-    """A checkpoint file, or a complete sharded checkpoint folder (FSDP: DCP's .metadata plus Lightning's
-    meta.pt; Colossal-AI: meta.pt, written last). A folder cut short by a kill lacks them and is skipped."""
-    if os.path.isfile(path):
-        return True
-    return os.path.isfile(os.path.join(path, "meta.pt"))
+    """A checkpoint file, or a complete sharded checkpoint folder (its meta.pt is written last): a folder
+    cut short by a kill lacks it and is skipped."""
+    return os.path.isfile(path) or is_sharded_checkpoint(path)
 
 
 def find_resume_checkpoint(resume: str | None, search_dir: str) -> str | None:

@@ -120,7 +120,6 @@ class ResumableDataModule(L.LightningDataModule):
         self.val_dataset = None
         self.summary: dict[str, Any] = {}
         self.resume_samples = 0  # training samples consumed before the checkpoint we resume from
-        self.resume_replicas: int | None = None  # data-parallel ranks of the run that wrote that checkpoint
         self._train_sampler: ResumeSampler | None = None
 
     def world_size(self) -> int:
@@ -156,10 +155,9 @@ class ResumableDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.resume_samples = int(state.get("consumed_samples", 0))
-        self.resume_replicas = state.get("replicas")
-        world = self.world_size()
-        if self.resume_replicas not in (None, world):
-            message = (f"resuming on {world} data-parallel ranks a run checkpointed on {self.resume_replicas}: the "
+        replicas, world = state.get("replicas"), self.world_size()  # the checkpoint's run's ranks, ours
+        if replicas not in (None, world):
+            message = (f"resuming on {world} data-parallel ranks a run checkpointed on {replicas}: the "
                        f"data continues after the {self.resume_samples} samples consumed, but the epoch's remaining "
                        "batches are counted per rank, so the rest of the run is not the one an uninterrupted run "
                        "would see")
