@@ -66,11 +66,16 @@ def _dcp_model_state(path: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The model's tensors from a distributed checkpoint (FSDP), read in this one process."""
     import torch.distributed.checkpoint as dcp
 
+    from moxin.safe_dcp import SafeMetadataReader
+
     with torch.device("meta"):
         empty = Transformer(cfg).to_empty(device="cpu")  # storage to read into, not initialised
     state = {"state_dict": {f"model.{k}": v for k, v in empty.state_dict().items()}}
     # no_dist: this process alone reads it, even inside a distributed run (a later recipe stage's init_from).
-    dcp.load(state, checkpoint_id=path, no_dist=True)  # fills the tensors in place, from every rank's shard file
+    # Fills the tensors in place from every rank's shard file (tensors are read with weights_only=True).
+    reader = SafeMetadataReader(path)
+    reader.read_metadata()  # a refused .metadata raises here, plainly (inside dcp.load it comes back wrapped)
+    dcp.load(state, storage_reader=reader, no_dist=True)
     return state["state_dict"]
 
 

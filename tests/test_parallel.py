@@ -465,3 +465,20 @@ def test_gpu_strategies_train_save_and_resume(name, tmp_path):
     assert min(resumed) == 5
     for step in resumed:
         assert resumed[step] == pytest.approx(losses[step], rel=2e-2), (name, step)
+
+
+def test_a_distributed_checkpoint_metadata_that_calls_a_function_is_refused(tmp_path):
+    """task=evaluate may be given someone else's FSDP folder: its .metadata names only DCP's classes."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(tmp_path / "ran"),))
+
+    folder = tmp_path / "step-1.ckpt"
+    folder.mkdir()
+    torch.save({"hyper_parameters": {"model": tiny_model().config.to_dict()}}, folder / "meta.pt")
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(pickle.UnpicklingError, match="posix.mkdir is not allowed"):
+        load_model(str(folder))
+    assert not (tmp_path / "ran").exists()
