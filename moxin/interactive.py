@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from moxin.chat import chat_prompt
 from moxin.checkpoint import load_model, tokenizer_for
-from moxin.generate import generate
+from moxin.generate import generate, inference_context, worth_packing
 from moxin.system import configure_cpu, inference_device
 
 
@@ -64,6 +64,13 @@ def chat_task(cfg: DictConfig, read: Callable[[str], str] = input) -> dict:
     """
     model, tokenizer = _setup(cfg)
     messages = [{"role": "system", "content": cfg.generation.system}] if cfg.generation.get("system") else []
+    # The weights stay fixed for the whole conversation: packed once (CPU, oneDNN), not every turn.
+    with inference_context(model, pack_weights=worth_packing(model, cfg.generation.max_new_tokens)):
+        _converse(model, tokenizer, messages, cfg.generation, read)
+    return {"messages": messages, "turns": sum(m["role"] == "user" for m in messages)}
+
+def _converse(model, tokenizer, messages: list[dict], gen: DictConfig, read: Callable[[str], str]) -> None:
+    """The turns of chat_task, appended to messages until the user ends the conversation."""
     while True:
         try:
             user = read("user> ").strip()
@@ -73,8 +80,7 @@ def chat_task(cfg: DictConfig, read: Callable[[str], str] = input) -> dict:
             break
         messages.append({"role": "user", "content": user})
         print("assistant> ", end="")
-        tokens, _ = _generate(model, tokenizer, chat_prompt(tokenizer, messages), cfg.generation)
+        tokens, _ = _generate(model, tokenizer, chat_prompt(tokenizer, messages), gen)
         print()
         reply = tokenizer.decode([t for t in tokens if t != tokenizer.eos_token_id], skip_special_tokens=True)
         messages.append({"role": "assistant", "content": reply.strip()})
-    return {"messages": messages, "turns": sum(m["role"] == "user" for m in messages)}

@@ -163,13 +163,13 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window
 
 def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """One new token per row over its cached keys (decoding on a CPU): q (B, H, 1, D), k/v (B, K, S, D),
-    mask (B, 1, 1, S). Two small batched products, with each group of H / K query heads as rows of
-    one product; for these sizes SDPA's per-call set-up costs more than the arithmetic."""
+    mask (B, 1, 1, S), additive (0 = may attend, -inf = may not) as the cache gives it for one token.
+    The H / K query heads that share a key/value head become that head's H / K queries: plain
+    attention with K heads, which takes a CPU about half the time of grouped-query SDPA or of two
+    batched products at these sizes."""
     B, H, _, D = q.shape
     K = k.shape[1]
-    scores = q.view(B, K, H // K, D) @ k.transpose(-1, -2) * D**-0.5  # (B, K, H/K, S)
-    scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
-    return (scores.softmax(dim=-1) @ v).view(B, H, 1, D)
+    return F.scaled_dot_product_attention(q.view(B, K, H // K, D), k, v, attn_mask=mask).view(B, H, 1, D)
 
 
 def repeat_kv_for_masks(q: torch.Tensor) -> bool:
@@ -191,11 +191,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache=None, segments: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        qk, v = self.wqkv(x).split([self.qkv_sizes[0] + self.qkv_sizes[1], self.qkv_sizes[2]], dim=-1)
+        # Queries and keys are rotated together: one rotation instead of two (decoding is op-bound).
+        qk = apply_rope(qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim), cos, sin)
+        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
         if cache is not None:  # keys/values of earlier positions (moxin/generate.py): (B, K, S, D)
             k, v = cache.update(self.layer_idx, k, v)

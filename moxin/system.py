@@ -42,3 +42,15 @@ def inference_device(accelerator: str) -> str:
     import torch
 
     return "cuda" if accelerator == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the process can still take without swapping (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    return None

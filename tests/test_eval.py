@@ -145,6 +145,24 @@ def test_generate_until_cuts_at_the_first_stop_sequence_as_hflm_does(ours, hflm)
     assert cut == hflm.generate_until(requests)
 
 
+def test_generate_until_packs_the_weights_once_per_group_of_requests(ours, monkeypatch):
+    from moxin import kernels
+
+    packs = []
+    real = kernels.pack_weight
+    monkeypatch.setattr(kernels, "pack_weight", lambda w: packs.append(w) or real(w))
+    requests = [Instance("generate_until", {}, (f"Prompt {i}", {"until": [], "max_gen_toks": 32}), i) for i in range(5)]
+    before = kernels.onednn_enabled()
+    kernels.use_onednn_on_cpu(True)
+    try:
+        packed = ours.generate_until(requests)  # batch size 3: two batches
+        assert len(packs) == 4 * ours.model.config.n_layers + 1  # once for both batches
+        kernels.use_onednn_on_cpu(False)
+        assert packed == ours.generate_until(requests)  # PyTorch's own products: the same greedy text
+    finally:
+        kernels.use_onednn_on_cpu(before)
+
+
 def test_sampled_generations_differ_across_batches(ours):
     settings = {"until": [], "max_gen_toks": 8, "do_sample": True, "temperature": 1.0}
     requests = [Instance("generate_until", {}, ("Once upon a time", dict(settings)), i) for i in range(6)]

@@ -67,6 +67,23 @@ def test_chat_task_keeps_the_conversation(make_cfg, trained_run, monkeypatch, ca
                for tok in [load_tokenizer()])
 
 
+def test_chat_packs_the_weights_once_for_the_whole_conversation(make_cfg, trained_run, monkeypatch):
+    from moxin import kernels
+
+    packs = []
+    real = kernels.pack_weight
+    monkeypatch.setattr(kernels, "pack_weight", lambda w: packs.append(w) or real(w))
+    lines = iter(["Who made the heaven?", "And the earth?", ""])
+    cfg = make_cfg("task=chat", f"ckpt={trained_run}", "generation.max_new_tokens=32", "hardware.onednn_linears=true")
+    before = kernels.onednn_enabled()
+    try:
+        assert chat_task(cfg, read=lambda _: next(lines))["turns"] == 2
+    finally:
+        kernels.use_onednn_on_cpu(before)
+    n_layers = cfg.model.n_layers
+    assert len(packs) == 4 * n_layers + 1  # each product's weight once, not once per turn
+
+
 def test_chat_template_is_the_tulu_format():
     tokenizer = load_tokenizer()
     assert chat_template_of(tokenizer) == CHAT_TEMPLATE and not tokenizer.chat_template  # not modified

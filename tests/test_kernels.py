@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moxin import kernels
@@ -88,3 +89,68 @@ def test_chunked_loss_and_generation_agree_with_and_without_onednn():
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
     assert results[1][2] == results[0][2]
     assert not any(type(m) is kernels.OneDNNLinear for m in model.modules())  # generate switched back
+
+
+def small_model(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    settings = dict(vocab_size=300, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
+                    sliding_window=8, max_seq_len=128) | overrides
+    return Transformer(ModelConfig(**settings)).eval()
+
+
+def linears(model) -> list[nn.Linear]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def test_packed_weights_give_the_same_products_and_are_freed_on_exit():
+    model = small_model()
+    with torch.no_grad(), kernels.onednn_linears(model, pack=True):
+        assert all(layer.packed is not None and layer.packed.source is layer.weight for layer in linears(model))
+        for layer in linears(model):
+            for rows in [(1,), (8,), (2, 5)]:  # decode steps and a prefill
+                x = torch.randn(*rows, layer.in_features)
+                torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+    assert not any("packed" in vars(layer) for layer in linears(model))
+    assert not any(type(m) is kernels.OneDNNLinear for m in model.modules())
+
+
+def test_an_updated_or_replaced_weight_is_read_not_its_stale_packed_copy():
+    model = small_model()
+    x = torch.randn(2, 32)
+    layer = model.layers[0].attention.wqkv
+    with torch.no_grad(), kernels.onednn_linears(model, pack=True):
+        layer.weight.mul_(2)  # in place: the version counter moves
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+        layer.weight = nn.Parameter(torch.randn_like(layer.weight))  # a new tensor
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+
+
+def test_generate_packs_once_per_call_and_not_inside_an_enclosing_packed_block(monkeypatch):
+    packs = []
+    real = kernels.pack_weight
+    monkeypatch.setattr(kernels, "pack_weight", lambda w: packs.append(w) or real(w))
+    model = small_model()
+    prompts = [[1, 5, 7], [1, 9]]
+    plain = generate(model, prompts, max_new_tokens=40).tokens  # oneDNN off: nothing packed
+    assert packs == []
+    kernels.use_onednn_on_cpu(True)
+    generate(model, prompts, max_new_tokens=8)  # too few steps to repay packing
+    assert packs == []
+    assert generate(model, prompts, max_new_tokens=40).tokens == plain
+    assert len(packs) == len(linears(model)) == 2 * 4 + 1
+    with torch.no_grad(), kernels.onednn_linears(model, pack=True):
+        assert len(packs) == 2 * (2 * 4 + 1)
+        assert generate(model, prompts, max_new_tokens=40).tokens == plain
+        assert len(packs) == 2 * (2 * 4 + 1)  # the enclosing block's copies served
+        assert all(layer.packed is not None for layer in linears(model))  # and outlived generate's block
+
+
+def test_generate_does_not_pack_without_memory_for_a_second_copy(monkeypatch):
+    import moxin.generate
+
+    model = small_model()
+    weight_bytes = sum(p.nbytes for p in model.parameters())
+    assert moxin.generate.worth_packing(model, 256)
+    assert not moxin.generate.worth_packing(model, moxin.generate.PACK_FROM_NEW_TOKENS - 1)
+    monkeypatch.setattr(moxin.generate, "available_memory_bytes", lambda: 2 * weight_bytes - 1)
+    assert not moxin.generate.worth_packing(model, 256)

@@ -36,3 +36,15 @@ def page_faults(mode: str) -> int:
 def test_freed_logits_memory_is_reused_instead_of_faulted_in_again():
     default, tuned = page_faults("default"), page_faults("tuned")
     assert tuned < default / 2, (default, tuned)
+
+
+def test_available_memory_is_read_from_the_kernel():
+    import sys
+
+    from moxin.system import available_memory_bytes
+
+    available = available_memory_bytes()
+    if sys.platform.startswith("linux"):
+        assert isinstance(available, int) and 0 < available
+    else:
+        assert available is None

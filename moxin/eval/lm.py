@@ -32,7 +32,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from moxin.chat import chat_template_of
-from moxin.generate import generate, inference_context
+from moxin.generate import generate, inference_context, worth_packing
 from moxin.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -215,18 +215,20 @@ class MoxinLM(TemplateLM):
             sampling = self._sampling(kwargs)
             prompts = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):] for i in members}
             order = sorted(members, key=lambda i: len(prompts[i]), reverse=True)
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start:start + self.batch_size]
-                self._batches_sampled += 1  # a new seed per batch: repeated samples must differ
-                result = generate(self.model, [prompts[i] for i in chunk], max_new_tokens=max_new,
-                                  stop=[self.eot_token_id, *until], tokenizer=self.tokenizer,
-                                  seed=self.seed + self._batches_sampled, **sampling)
-                for i, tokens in zip(chunk, result.tokens, strict=True):
-                    text = postprocess_generated_text(self.tokenizer.decode(tokens, skip_special_tokens=True),
-                                                      stop=until, think_end_token=None)
-                    out[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
-                progress.update(len(chunk))
+            # The weights do not change during evaluation: packed once for all of the group's batches.
+            with inference_context(self.model, pack_weights=worth_packing(self.model, max_new)):
+                for start in range(0, len(order), self.batch_size):
+                    chunk = order[start:start + self.batch_size]
+                    self._batches_sampled += 1  # a new seed per batch: repeated samples must differ
+                    result = generate(self.model, [prompts[i] for i in chunk], max_new_tokens=max_new,
+                                      stop=[self.eot_token_id, *until], tokenizer=self.tokenizer,
+                                      seed=self.seed + self._batches_sampled, **sampling)
+                    for i, tokens in zip(chunk, result.tokens, strict=True):
+                        text = postprocess_generated_text(
+                            self.tokenizer.decode(tokens, skip_special_tokens=True), stop=until, think_end_token=None)
+                        out[i] = text
+                        self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    progress.update(len(chunk))
         progress.close()
         return out
 
