@@ -35,8 +35,12 @@ def onednn_enabled() -> bool:
     return _enabled
 
 
+def _cpu_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu")
+
+
 def _suits_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if x.device.type != "cpu" or x.dtype != weight.dtype or torch.is_autocast_enabled("cpu"):
+    if not x.is_cpu or x.dtype != weight.dtype or _cpu_autocast():
         return False  # under autocast, nn.Linear's own dtype rules apply
     if x.dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # needs AVX-512 BF16-capable cores
@@ -104,14 +108,16 @@ class OneDNNLinear(nn.Linear):
     packed: PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is None and _suits_onednn(x, self.weight):
+        weight, packed = self.weight, self.packed
+        if packed is not None and packed.source is weight and packed.version == weight._version:
+            # Checked first and briefly: a decode step makes dozens of these calls.
+            if x.dtype == weight.dtype and x.is_cpu and not torch.is_grad_enabled() and not _cpu_autocast():
+                return _onednn_mm(x, packed.tensor)
+        if self.bias is None and _suits_onednn(x, weight):
             if not torch.is_grad_enabled():  # inference: skip the autograd.Function machinery
-                packed = self.packed
-                if packed is not None and packed.source is self.weight and packed.version == self.weight._version:
-                    return _onednn_mm(x, packed.tensor)
-                return _onednn_mm(x, self.weight)
-            return _OneDNNLinearFn.apply(x, self.weight)
-        return F.linear(x, self.weight, self.bias)
+                return _onednn_mm(x, weight)
+            return _OneDNNLinearFn.apply(x, weight)
+        return F.linear(x, weight, self.bias)
 
 
 def use_onednn_linears(model: nn.Module) -> int:

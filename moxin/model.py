@@ -97,19 +97,24 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (..., T, 1, D), for integer positions (T,) or per row (B, T).
 
-    The 1 broadcasts over heads.
+    The 1 broadcasts over heads. The first half of sin is negated, for apply_rope.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     angles = positions.float()[..., None] * inv_freq  # (..., T, D/2)
     angles = torch.cat([angles, angles], dim=-1).unsqueeze(-2)  # (..., T, 1, D): the "rotate half" layout
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    sin[..., :head_dim // 2].neg_()
+    return angles.cos(), sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, heads, D) by position; cos/sin from rope_cos_sin."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    """Rotate x (B, T, heads, D) by position; cos/sin from rope_cos_sin.
+
+    With x's halves (x1, x2), the rotation is x cos + (-x2, x1) sin. sin comes with its first half
+    negated, so (-x2, x1) sin = (x2, x1) (that sin): one roll of x instead of two slices, a
+    negation and a concatenation (a decode step runs this once per layer), with the same result.
+    """
+    return x * cos.to(x.dtype) + x.roll(x.shape[-1] // 2, dims=-1) * sin.to(x.dtype)
 
 
 def sliding_window_mask(q_len: int, k_len: int, window: int | None, device) -> torch.Tensor:
@@ -191,10 +196,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache=None, segments: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        qk, v = self.wqkv(x).split([self.qkv_sizes[0] + self.qkv_sizes[1], self.qkv_sizes[2]], dim=-1)
-        # Queries and keys are rotated together: one rotation instead of two (decoding is op-bound).
+        # split_with_sizes, not Tensor.split: that is a Python wrapper, and a decode step is op-bound.
+        qk, v = self.wqkv(x).split_with_sizes([self.qkv_sizes[0] + self.qkv_sizes[1], self.qkv_sizes[2]], dim=-1)
+        # Queries and keys are rotated together: one rotation instead of two.
         qk = apply_rope(qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim), cos, sin)
-        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
+        q, k = qk.split_with_sizes([self.n_heads, self.n_kv_heads], dim=2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
         if cache is not None:  # keys/values of earlier positions (moxin/generate.py): (B, K, S, D)

@@ -7,7 +7,7 @@ oneDNN, with weights packed per generate call; --mkl: PyTorch's default kernels)
 side stops early (transformers gets eos_token_id=None). Also the cache's bytes for sequences of
 W, 4W and 16W tokens, which the rolling buffer keeps equal. Prints one JSON line last.
 
-    python experiments/benchmarks/decode.py [--new 256] [--repeats 4]
+    python experiments/benchmarks/decode.py [--new 256] [--repeats 6]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--mkl", action="store_true", help="ours on PyTorch's default CPU kernels (no oneDNN)")
     args = parser.parse_args()
 
