@@ -188,7 +188,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     that completed it are kept in `.tokens`. `.logprobs[r][i]` is log_softmax(logits)[token] of
     the model's raw fp32 logits, before temperature, top-k or top-p. `callback(row, token_id)`
     is called for each new token as it is produced (streaming). On a CPU with
-    moxin.kernels.use_onednn_on_cpu() switched on, the products run through oneDNN.
+    moxin.kernels.use_onednn_on_cpu() switched on, the products run through oneDNN, with the weights
+    packed for the call when it may decode PACK_FROM_NEW_TOKENS tokens or more (worth_packing).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token (start with BOS)")

@@ -152,7 +152,9 @@ def onednn_linears(model: nn.Module, pack: bool = False):
 
     pack=True (for a block that computes no gradient and does not change the weights: generation)
     also keeps a packed copy of each weight (pack_weight) for the block's duration: as many bytes
-    again as the weights, freed on exit, so no copy outlives a weight update.
+    again as the weights, freed on exit, so no copy outlives the block. Within it, a weight changed
+    in place or replaced is seen (the copy is then ignored), but not one written through `.data`,
+    which moves no version counter: do not do that inside the block.
     """
     before = {module for module in model.modules() if type(module) is OneDNNLinear}
     use_onednn_linears(model)
@@ -160,8 +162,9 @@ def onednn_linears(model: nn.Module, pack: bool = False):
     packed_here = []  # by this block: an enclosing block's packed weights stay its own
     try:
         for module in switched if pack else []:
-            suits = module.bias is None and _suits_onednn(module.weight, module.weight)
-            if suits and module.packed is None:
+            # Inference tensors (made under torch.inference_mode) keep no version counter to check.
+            suits = module.bias is None and not module.weight.is_inference()
+            if suits and _suits_onednn(module.weight, module.weight) and module.packed is None:
                 module.packed = PackedWeight(module.weight, module.weight._version, pack_weight(module.weight))
                 packed_here.append(module)
         yield model

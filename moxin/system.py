@@ -45,12 +45,39 @@ def inference_device(accelerator: str) -> str:
 
 
 def available_memory_bytes() -> int | None:
-    """Memory the process can still take without swapping (Linux's MemAvailable); None where unknown."""
+    """Memory the process can still take: Linux's MemAvailable, or less where a container's memory
+    limit (cgroup v2 or v1) leaves less; None where neither is known."""
+    candidates = [_meminfo_available(), _cgroup_headroom()]
+    known = [value for value in candidates if value is not None]
+    return min(known) if known else None
+
+
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024  # reported in kB
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+_CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # v2
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def _cgroup_headroom(files=_CGROUP_FILES) -> int | None:
+    """The container's memory limit minus what it uses now; None without a limit."""
+    for limit_file, usage_file in files:
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max" (v2) or a huge number (v1): no limit
+            return max(int(limit) - usage, 0)
+        return None
     return None

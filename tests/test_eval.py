@@ -15,6 +15,7 @@ from moxin.eval import MoxinLM
 from moxin.eval.commands import model_label, suite_from_config
 from moxin.eval.runner import paper_row, run_suite
 from moxin.eval.suites import EvalSuite, EvalTask, task_manager
+from moxin.kernels import onednn_available
 from moxin.model import ModelConfig, Transformer
 from moxin.tokenizer import load_tokenizer
 from tests.eval_fixtures import FIXTURES
@@ -145,6 +146,7 @@ def test_generate_until_cuts_at_the_first_stop_sequence_as_hflm_does(ours, hflm)
     assert cut == hflm.generate_until(requests)
 
 
+@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
 def test_generate_until_packs_the_weights_once_per_group_of_requests(ours, monkeypatch):
     from moxin import kernels
 

@@ -6,6 +6,7 @@ import torch
 from moxin.chat import CHAT_TEMPLATE, chat_prompt, chat_template_of
 from moxin.checkpoint import load_model
 from moxin.interactive import chat_task
+from moxin.kernels import onednn_available
 from moxin.tokenizer import load_tokenizer
 from moxin.train import run
 
@@ -67,6 +68,7 @@ def test_chat_task_keeps_the_conversation(make_cfg, trained_run, monkeypatch, ca
                for tok in [load_tokenizer()])
 
 
+@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
 def test_chat_packs_the_weights_once_for_the_whole_conversation(make_cfg, trained_run, monkeypatch):
     from moxin import kernels
 

@@ -126,9 +126,10 @@ def test_an_updated_or_replaced_weight_is_read_not_its_stale_packed_copy():
 
 
 def test_generate_packs_once_per_call_and_not_inside_an_enclosing_packed_block(monkeypatch):
-    packs = []
-    real = kernels.pack_weight
-    monkeypatch.setattr(kernels, "pack_weight", lambda w: packs.append(w) or real(w))
+    packs, products = [], []
+    real_pack, real_mm = kernels.pack_weight, kernels._onednn_mm
+    monkeypatch.setattr(kernels, "pack_weight", lambda w: packs.append(real_pack(w)) or packs[-1])
+    monkeypatch.setattr(kernels, "_onednn_mm", lambda a, b: products.append(b) or real_mm(a, b))
     model = small_model()
     prompts = [[1, 5, 7], [1, 9]]
     plain = generate(model, prompts, max_new_tokens=40).tokens  # oneDNN off: nothing packed
@@ -136,8 +137,10 @@ def test_generate_packs_once_per_call_and_not_inside_an_enclosing_packed_block(m
     kernels.use_onednn_on_cpu(True)
     generate(model, prompts, max_new_tokens=8)  # too few steps to repay packing
     assert packs == []
+    products.clear()
     assert generate(model, prompts, max_new_tokens=40).tokens == plain
     assert len(packs) == len(linears(model)) == 2 * 4 + 1
+    assert all(any(b is p for p in packs) for b in products)  # every product read a packed weight
     with torch.no_grad(), kernels.onednn_linears(model, pack=True):
         assert len(packs) == 2 * (2 * 4 + 1)
         assert generate(model, prompts, max_new_tokens=40).tokens == plain
@@ -154,3 +157,12 @@ def test_generate_does_not_pack_without_memory_for_a_second_copy(monkeypatch):
     assert not moxin.generate.worth_packing(model, moxin.generate.PACK_FROM_NEW_TOKENS - 1)
     monkeypatch.setattr(moxin.generate, "available_memory_bytes", lambda: 2 * weight_bytes - 1)
     assert not moxin.generate.worth_packing(model, 256)
+
+
+def test_weights_made_under_inference_mode_are_not_packed_and_still_decode():
+    with torch.inference_mode():  # inference tensors keep no version counter
+        model = small_model()
+    kernels.use_onednn_on_cpu(True)
+    tokens = generate(model, [[1, 5, 7]], max_new_tokens=40).tokens
+    kernels.use_onednn_on_cpu(False)
+    assert tokens == generate(model, [[1, 5, 7]], max_new_tokens=40).tokens

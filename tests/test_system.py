@@ -48,3 +48,16 @@ def test_available_memory_is_read_from_the_kernel():
         assert isinstance(available, int) and 0 < available
     else:
         assert available is None
+
+
+def test_a_containers_memory_limit_bounds_the_available_memory(tmp_path):
+    from moxin.system import _cgroup_headroom
+
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text(f"{8 * 2**30}\n")
+    usage.write_text(f"{3 * 2**30}\n")
+    assert _cgroup_headroom([(str(limit), str(usage))]) == 5 * 2**30
+    limit.write_text("max\n")  # cgroup v2 without a limit
+    assert _cgroup_headroom([(str(limit), str(usage))]) is None
+    missing = str(tmp_path / "none")
+    assert _cgroup_headroom([(missing, missing), (str(limit), str(usage))]) is None
