@@ -50,6 +50,7 @@ class RollingKVCache:
         self.pad = pad.to(device)  # (B,) left padding of each row
         self.time = 0
         self._times = self._slot_ids = None
+        self._visible = 0  # cached slots the current tokens attend over
 
     @property
     def nbytes(self) -> int:
@@ -69,11 +70,14 @@ class RollingKVCache:
         times = torch.arange(self.time, self.time + T, device=self.slot_time.device)
         self._times, self._slot_ids = times, times % self.slots
         positions = (times[None, :] - self.pad[:, None]).clamp(min=0)
+        # Until the buffer first wraps, only its first `time` slots hold keys: attention skips the rest.
         if T == 1:  # decode: the new key is written first, then the query attends over the cache
-            key_times = self.slot_time.clone()
+            self._visible = min(self.time + 1, self.slots)
+            key_times = self.slot_time[:self._visible].clone()
             key_times[self._slot_ids] = times
         else:  # a prefill chunk attends over the cache plus itself, and is written afterwards
-            key_times = torch.cat([self.slot_time, times])
+            self._visible = min(self.time, self.slots)
+            key_times = torch.cat([self.slot_time[:self._visible], times])
         query, key = times[None, :, None], key_times[None, None, :]  # (1, T, 1), (1, 1, keys)
         mask = (key <= query) & (query - key < self.window) & (key >= self.pad[:, None, None])
         # A padding query sees no real key; letting it see itself keeps its softmax finite.
@@ -88,8 +92,9 @@ class RollingKVCache:
         if k.shape[2] == 1:
             cache_k.index_copy_(2, self._slot_ids, k)
             cache_v.index_copy_(2, self._slot_ids, v)
-            return cache_k, cache_v
-        keys, values = torch.cat([cache_k, k], dim=2), torch.cat([cache_v, v], dim=2)
+            return cache_k[:, :, :self._visible], cache_v[:, :, :self._visible]
+        visible = slice(None, self._visible)
+        keys, values = torch.cat([cache_k[:, :, visible], k], dim=2), torch.cat([cache_v[:, :, visible], v], dim=2)
         cache_k.index_copy_(2, self._slot_ids, k)
         cache_v.index_copy_(2, self._slot_ids, v)
         return keys, values

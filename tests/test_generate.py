@@ -101,6 +101,20 @@ def test_rolling_buffer_logits_equal_full_forward_past_the_window(prefill, chunk
     torch.testing.assert_close(torch.cat(cached, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
+def test_attention_spans_only_the_filled_slots_until_the_buffer_wraps():
+    from moxin.generate import RollingKVCache
+
+    model = windowed_model(window=16)
+    cache = RollingKVCache(model.config, 1, 40, torch.zeros(1, dtype=torch.long), torch.float32, "cpu")
+    spans = []
+    for chunk in (5, 1, 1, 10, 1, 1):  # prefill, decode, decode, a chunk that wraps, decode, decode
+        _, mask = cache.prepare(chunk)
+        spans.append(mask.shape[-1])
+        cache.advance(chunk)
+    # A prefill chunk sees the filled slots and itself; a decode step the filled slots and its own.
+    assert spans == [5, 6, 7, 7 + 10, 16, 16]
+
+
 def test_mixed_length_batch_rows_equal_generating_each_alone():
     model = windowed_model(window=16)
     gen = torch.Generator().manual_seed(2)
