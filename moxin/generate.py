@@ -205,7 +205,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     should_stop = StopCriteria(stop, tokenizer)
-    with inference_context(model, pack_weights=worth_packing(model, max_new_tokens)):
+    with inference_context(model, new_tokens=max_new_tokens):
         return _decode(model, prompts, max_new_tokens, temperature, top_p, top_k, generator, should_stop, callback)
 
 
@@ -219,14 +219,18 @@ def worth_packing(model: torch.nn.Module, max_new_tokens: int) -> bool:
 
 
 @contextmanager
-def inference_context(model: torch.nn.Module, pack_weights: bool = False):
+def inference_context(model: torch.nn.Module, new_tokens: int = 0):
     """Eval mode (the model's mode is restored after), inference_mode, and oneDNN products on a CPU
-    where the process switched them on (moxin.kernels), with packed weights if pack_weights."""
+    where the process switched them on (moxin.kernels), with the weights packed where the block may
+    decode `new_tokens` tokens per generate call and worth_packing says so."""
     was_training = model.training
     on_cpu = next(model.parameters()).device.type == "cpu"
     model.eval()
     try:
-        onednn = onednn_linears(model, pack=pack_weights) if on_cpu and onednn_enabled() else nullcontext()
+        if on_cpu and onednn_enabled():
+            onednn = onednn_linears(model, pack=worth_packing(model, new_tokens))
+        else:
+            onednn = nullcontext()
         with torch.inference_mode(), onednn:
             yield
     finally:

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from moxin.chat import chat_prompt
 from moxin.checkpoint import load_model, tokenizer_for
-from moxin.generate import generate, inference_context, worth_packing
+from moxin.generate import generate, inference_context
 from moxin.system import configure_cpu, inference_device
 
 
@@ -65,7 +65,7 @@ def chat_task(cfg: DictConfig, read: Callable[[str], str] = input) -> dict:
     model, tokenizer = _setup(cfg)
     messages = [{"role": "system", "content": cfg.generation.system}] if cfg.generation.get("system") else []
     # The weights stay fixed for the whole conversation: packed once (CPU, oneDNN), not every turn.
-    with inference_context(model, pack_weights=worth_packing(model, cfg.generation.max_new_tokens)):
+    with inference_context(model, new_tokens=cfg.generation.max_new_tokens):
         _converse(model, tokenizer, messages, cfg.generation, read)
     return {"messages": messages, "turns": sum(m["role"] == "user" for m in messages)}
 

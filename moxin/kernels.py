@@ -35,12 +35,8 @@ def onednn_enabled() -> bool:
     return _enabled
 
 
-def _cpu_autocast() -> bool:
-    return torch.is_autocast_enabled("cpu")
-
-
 def _suits_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not x.is_cpu or x.dtype != weight.dtype or _cpu_autocast():
+    if not x.is_cpu or x.dtype != weight.dtype or torch.is_autocast_enabled("cpu"):
         return False  # under autocast, nn.Linear's own dtype rules apply
     if x.dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # needs AVX-512 BF16-capable cores
@@ -108,14 +104,12 @@ class OneDNNLinear(nn.Linear):
     packed: PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, packed = self.weight, self.packed
-        if packed is not None and packed.source is weight and packed.version == weight._version:
-            # Checked first and briefly: a decode step makes dozens of these calls.
-            if x.dtype == weight.dtype and x.is_cpu and not torch.is_grad_enabled() and not _cpu_autocast():
-                return _onednn_mm(x, packed.tensor)
+        weight = self.weight
         if self.bias is None and _suits_onednn(x, weight):
             if not torch.is_grad_enabled():  # inference: skip the autograd.Function machinery
-                return _onednn_mm(x, weight)
+                packed = self.packed
+                fresh = packed is not None and packed.source is weight and packed.version == weight._version
+                return _onednn_mm(x, packed.tensor if fresh else weight)
             return _OneDNNLinearFn.apply(x, weight)
         return F.linear(x, weight, self.bias)
 
@@ -163,8 +157,8 @@ def onednn_linears(model: nn.Module, pack: bool = False):
     try:
         for module in switched if pack else []:
             # Inference tensors (made under torch.inference_mode) keep no version counter to check.
-            suits = module.bias is None and not module.weight.is_inference()
-            if suits and _suits_onednn(module.weight, module.weight) and module.packed is None:
+            weight = module.weight
+            if module.packed is None and not weight.is_inference() and _suits_onednn(weight, weight):
                 module.packed = PackedWeight(module.weight, module.weight._version, pack_weight(module.weight))
                 packed_here.append(module)
         yield model

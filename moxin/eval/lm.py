@@ -32,7 +32,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from moxin.chat import chat_template_of
-from moxin.generate import generate, inference_context, worth_packing
+from moxin.generate import generate, inference_context
 from moxin.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ class MoxinLM(TemplateLM):
             prompts = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):] for i in members}
             order = sorted(members, key=lambda i: len(prompts[i]), reverse=True)
             # The weights do not change during evaluation: packed once for all of the group's batches.
-            with inference_context(self.model, pack_weights=worth_packing(self.model, max_new)):
+            with inference_context(self.model, new_tokens=max_new):
                 for start in range(0, len(order), self.batch_size):
                     chunk = order[start:start + self.batch_size]
                     self._batches_sampled += 1  # a new seed per batch: repeated samples must differ
