@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -58,11 +59,6 @@ class ParallelConfig:
             if value is not None and value not in DTYPES:
                 raise ValueError(f"hardware.fsdp.{name}={value!r} is not one of {sorted(DTYPES)} or null")
 
-    @property
-    def shards_parameters(self) -> bool:
-        """Whether no rank holds the whole model (so rank 0 cannot run it alone)."""
-        return self.strategy == "fsdp" or (self.strategy == "colossalai" and self.colossalai.plugin == "gemini")
-
 
 # --- the switches, applied per block ---
 
@@ -100,10 +96,34 @@ def shard_model(model: Transformer, mesh, fsdp: FSDPConfig) -> None:
     last = len(model.layers) - 1
     for i, block in enumerate(model.layers):
         # The last block is gathered again at once by the backward pass: keep it.
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=fsdp.reshard_after_forward and i < last)
+        block._moxin_reshard_after_forward = fsdp.reshard_after_forward and i < last
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=block._moxin_reshard_after_forward)
     # The root stays gathered after its forward: the losses use `output.weight` after `hidden_states` returns.
+    model._moxin_reshard_after_forward = False
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     register_fsdp_forward_method(model, "hidden_states")
+
+
+@contextmanager
+def gathered_weights(model: nn.Module):
+    """Under FSDP2, every rank holds the whole model (in FSDP's compute dtype) inside the block, so each
+    rank may run as many forward passes as it needs with no collective among them: rollouts that stop
+    at different lengths on different ranks, or an evaluation on rank 0 alone. Entering and leaving
+    gather and free the weights: every rank must enter together. Inside, call `hidden_states` or
+    `forward`, not one from within the other (the outer FSDP entry would free the root), and run no
+    backward pass. A model that FSDP does not shard is left as it is."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(getattr(unit, "_moxin_reshard_after_forward", True), recurse=False)
+            unit.reshard()
 
 
 def reshard(model: nn.Module) -> None:

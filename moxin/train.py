@@ -229,9 +229,10 @@ def build_module(cfg: DictConfig, model_cfg: ModelConfig, data_cfg, parallel: Pa
     if data_format != module_class.data_format:
         raise ValueError(f"phase.module={name} trains on {module_class.data_format} data, but the data option gives "
                          f"{data_format} data; pick a matching data option (see conf/data/)")
-    if module_class.generates and parallel.shards_parameters:
-        raise ValueError(f"phase.module={name} samples rollouts on each rank on its own, which a strategy that "
-                         f"shards the parameters ({parallel.strategy}) cannot run; use hardware=ddp")
+    if module_class.generates and parallel.strategy == "colossalai":
+        raise ValueError(f"phase.module={name} optimizes by hand, several steps per rollout batch, which the "
+                         "Colossal-AI strategy cannot run (its backward passes would skip gradient "
+                         "synchronisation); use hardware=ddp or hardware=fsdp")
     options = {key: instantiate(cfg.phase[key]) for key in module_class.phase_options if key in cfg.phase}
     with torch.device("meta") if parallel.strategy == "fsdp" else contextlib.nullcontext():
         module = module_class(model_cfg, instantiate(cfg.phase.optimizer),
@@ -245,10 +246,11 @@ def build_module(cfg: DictConfig, model_cfg: ModelConfig, data_cfg, parallel: Pa
 def eval_callbacks(cfg: DictConfig, tokenizer, run_dir: Path, parallel: ParallelConfig) -> list:
     """The `eval` suite every eval.every_n_steps optimizer steps (none when 0)."""
     suite, every_n_steps = suite_from_config(cfg.eval)
-    if every_n_steps > 0 and parallel.shards_parameters:
-        raise ValueError(f"eval.every_n_steps runs the model on rank 0 alone, which hardware.strategy="
-                         f"{parallel.strategy} cannot do (no rank holds the whole model); set eval.every_n_steps=0 "
-                         "and evaluate the saved checkpoints with task=evaluate")
+    # FSDP gathers the whole model on every rank for it (gathered_weights); Gemini's chunks cannot.
+    if every_n_steps > 0 and parallel.strategy == "colossalai" and parallel.colossalai.plugin == "gemini":
+        raise ValueError(f"eval.every_n_steps runs the model on rank 0 alone, which hardware.colossalai.plugin="
+                         f"{parallel.colossalai.plugin} cannot do (no rank holds the whole model); set "
+                         "eval.every_n_steps=0 and evaluate the saved checkpoints with task=evaluate")
     return [EvalCallback(suite, every_n_steps, tokenizer, run_dir)] if every_n_steps > 0 else []
 
 

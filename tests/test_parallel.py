@@ -4,6 +4,7 @@ and Colossal-AI matching one process with the same global batch, with checkpoint
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -52,7 +53,6 @@ def test_every_hardware_option_composes_with_an_experiment(hardware):
         assert cfg.hardware.precision == "32-true"  # the plugin does mixed precision itself
     if hardware == "fsdp":
         assert parallel.fsdp.param_dtype == "bf16" and parallel.fsdp.reduce_dtype == "fp32"
-        assert parallel.shards_parameters
 
 
 def test_parallel_config_names_bad_values():
@@ -60,8 +60,6 @@ def test_parallel_config_names_bad_values():
         ParallelConfig(strategy="deepspeed")
     with pytest.raises(ValueError, match="hardware.fsdp.param_dtype='fp8'"):
         ParallelConfig(strategy="fsdp", fsdp={"param_dtype": "fp8"})
-    assert ParallelConfig(strategy="colossalai", colossalai={"plugin": "gemini"}).shards_parameters
-    assert not ParallelConfig(strategy="colossalai", colossalai={"plugin": "low_level_zero"}).shards_parameters
 
 
 def test_world_size_counts_devices_times_nodes():
@@ -126,16 +124,19 @@ def test_global_batch_tokens_sets_gradient_accumulation():
     assert accumulation(cfg, world_size(cfg.hardware.accelerator, cfg.hardware.devices, cfg.hardware.num_nodes)) == 16
 
 
-def test_sharded_strategies_refuse_what_needs_one_rank_alone(make_cfg, tmp_path):
+def test_colossalai_refuses_grpo_and_gemini_the_eval_callback(make_cfg, tmp_path):
     fsdp = ParallelConfig(strategy="fsdp")
     cfg = make_cfg("+experiment=grpo_deepscaler", "+scale=tiny")
     from hydra.utils import instantiate
 
-    with pytest.raises(ValueError, match="samples rollouts on each rank"):
-        build_module(cfg, instantiate(cfg.model), instantiate(cfg.data), fsdp)
+    colossalai = ParallelConfig(strategy="colossalai", colossalai={"plugin": "torch_ddp"})
+    with pytest.raises(ValueError, match="optimizes by hand.*use hardware=ddp or hardware=fsdp"):
+        build_module(cfg, instantiate(cfg.model), instantiate(cfg.data), colossalai)
     cfg = make_cfg("eval.every_n_steps=10")
-    with pytest.raises(ValueError, match="eval.every_n_steps runs the model on rank 0 alone"):
-        eval_callbacks(cfg, None, tmp_path, fsdp)
+    gemini = ParallelConfig(strategy="colossalai", colossalai={"plugin": "gemini"})
+    with pytest.raises(ValueError, match="eval.every_n_steps runs the model on rank 0 alone.*gemini"):
+        eval_callbacks(cfg, None, tmp_path, gemini)
+    assert len(eval_callbacks(cfg, None, tmp_path, fsdp)) == 1  # FSDP gathers the model for it
 
 
 # --- data order across ranks ---
@@ -342,6 +343,124 @@ def test_dpo_under_fsdp_resumes_with_its_sharded_reference(tmp_path):
     assert min(resumed) == 3
     for step in resumed:
         assert resumed[step] == pytest.approx(losses[step], rel=1e-5), step
+
+
+# --- GRPO under FSDP: each rank samples its own rollouts from the gathered policy ---
+
+def _gathered_generation_worker(rank: int, init_file: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from moxin.generate import generate
+    from moxin.parallel import FSDPConfig, gathered_weights, shard_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    plain, model = tiny_model(), tiny_model()
+    shard_model(model, init_device_mesh("cpu", (2,)), FSDPConfig(param_dtype=None, reduce_dtype=None))
+    prompts, new_tokens = [[1, 5, 9], [3]], 4 if rank == 0 else 30  # rank 1 runs 26 forward passes more
+    with gathered_weights(model):
+        out = generate(model, prompts, new_tokens, temperature=1.0, seed=rank)
+    expected = generate(plain, prompts, new_tokens, temperature=1.0, seed=rank)
+    assert out.tokens == expected.tokens and len(out.tokens[0]) == new_tokens
+    assert all(isinstance(p, DTensor) for p in model.parameters())  # sharded again for training
+    loss = model(torch.tensor([[1, 2, 3, 4]])).float().logsumexp(-1).mean()
+    loss.backward()  # training's collectives still pair up across the ranks
+    plain_loss = plain(torch.tensor([[1, 2, 3, 4]])).float().logsumexp(-1).mean()
+    plain_loss.backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        assert torch.allclose(p.grad.full_tensor(), q.grad, atol=1e-6), name
+    dist.destroy_process_group()
+
+
+def test_gathered_weights_let_each_rank_generate_alone(tmp_path):
+    """Inside gathered_weights each rank decodes as many tokens as it needs with no collective (else the
+    ranks' all-gathers would not pair up), the tokens are the unsharded model's, and FSDP trains after."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gathered_generation_worker, args=(str(tmp_path / "init"),), nprocs=2, join=True)
+
+
+def answering_bigram(path: Path) -> Path:
+    """A tiny-config model that is a bigram table writing "\\boxed{N}" after the prompt, N one or two
+    digits drawn at random, then EOS: GRPO's rewards then differ within a group from the first step
+    (a randomly initialised model never boxes an answer, so every advantage would be 0). Each token of
+    the chain embeds as its own unit vector; the blocks add nothing (wo = w2 = 0); the head's row for a
+    token points at the tokens it may follow."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        from hydra.utils import instantiate
+
+        config = instantiate(compose("config", overrides=["model=tiny"]).model)
+    model = Transformer(config)
+    newline, eos, close = 13, 2, 28752
+    digits = [28734, 28740, 28750, 28770, 28781, 28782, 28784, 28787, 28783, 28774]
+    chain = [newline, 414, 2858, 286, 28751]  # the prompt's last token, then "\\", "box", "ed", "{"
+    follows = {chain[i + 1]: [(chain[i], 3.0)] for i in range(len(chain) - 1)}
+    # Each digit follows "{" or another digit (then p ~ 0.25 for all ten together: logits differ by 0.3 x sqrt(128)).
+    follows.update({d: [(28751, 3.0)] + [(other, 2.7) for other in digits] for d in digits})
+    follows[close] = [(d, 3.0) for d in digits]
+    follows[eos] = [(close, 3.0)]
+    state = {token: i for i, token in enumerate(chain + digits + [close])}
+    with torch.no_grad():
+        model.tok_embeddings.weight.zero_()
+        model.output.weight.zero_()
+        for token, i in state.items():
+            model.tok_embeddings.weight[token, i] = 1.0
+        for token, previous in follows.items():
+            for before, strength in previous:  # logit = strength x sqrt(dim) after the final RMSNorm
+                model.output.weight[token, state[before]] = strength
+        for block in model.layers:
+            block.attention.wo.weight.zero_()
+            block.feed_forward.w2.weight.zero_()
+    model.save_hf(str(path))
+    return path
+
+
+def train_metrics(run_dir: Path, key: str) -> dict[int, float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return {int(row["step"]): float(row[key]) for row in csv.DictReader(f) if row.get(key)}
+
+
+@pytest.mark.slow
+def test_grpo_under_fsdp_matches_ddp_and_resumes(eval_data_dir, tmp_path):
+    """GRPO's rollouts, rewards, validation, in-training evaluation and weights under fsdp (2 gloo
+    processes) equal those under ddp, whose ranks sample the same rollouts from the same seeds; the KL
+    reference is sharded too, and a resumed run goes on as the uninterrupted one did."""
+    start = answering_bigram(tmp_path / "start")
+    grpo = ("+experiment=grpo_deepscaler", "+scale=tiny", f"phase.init_from={start}", "phase.max_steps=4",
+            "phase.val_every_steps=2", "phase.limit_val_batches=1", "phase.checkpoint_every_steps=2",
+            "context.micro_batch_size=2", "phase.grpo.group_size=4", "phase.grpo.reward=correct",
+            "phase.grpo.val_max_new_tokens=8", *TWO_PROCESSES)
+    evaluate = ("eval.every_n_steps=3", f"eval.data_dir={eval_data_dir}", "eval.limit=4", "eval.max_length=64",
+                "eval.tasks=[{name: arc_easy, num_fewshot: 0, metric: acc, column: ARC-E}]")
+    ddp, ddp_dir = train_run(tmp_path / "ddp", *grpo, *evaluate, *STRATEGIES["ddp"], experiment="grpo_deepscaler")
+    fsdp, fsdp_dir = train_run(tmp_path / "fsdp", *grpo, *evaluate, *STRATEGIES["fsdp"], experiment="grpo_deepscaler")
+    assert len(ddp) == 4 and sorted(fsdp) == sorted(ddp)
+    for step in (3,):  # the evaluation callback: rank 0 alone, on the weights FSDP gathered for it
+        rows = [json.loads((run / "eval" / f"step-{step}" / "results.json").read_text())["lm_eval"]["results"]
+                for run in (ddp_dir, fsdp_dir)]
+        assert rows[1]["arc_easy"]["acc,none"] == rows[0]["arc_easy"]["acc,none"]
+    assert max(train_metrics(ddp_dir, "train/reward_std").values()) > 0  # the updates had something to learn
+    # The same rollouts (lengths, rewards), and the policy moving away from the reference alike: the KL
+    # of steps 1-3 (1e-6 to 1e-4) measures the updates. (The loss itself is ~0: advantages average to 0.)
+    assert train_metrics(fsdp_dir, "train/response_length") == train_metrics(ddp_dir, "train/response_length")
+    kl = train_metrics(ddp_dir, "train/kl")
+    assert min(kl[step] for step in (1, 2, 3)) > 0
+    for key, tolerance in (("train/reward", 1e-6), ("val/accuracy", 1e-6), ("train/kl", 1e-3 * max(kl.values()))):
+        assert train_metrics(fsdp_dir, key) == pytest.approx(train_metrics(ddp_dir, key), abs=tolerance), key
+    expected, trained = load_model(str(ddp_dir)).state_dict(), load_model(str(fsdp_dir)).state_dict()
+    started = load_model(str(start)).state_dict()
+    for key, tensor in expected.items():
+        moved = torch.linalg.vector_norm(tensor - started[key])
+        assert moved > 0, key  # every tensor trained
+        assert torch.linalg.vector_norm(trained[key] - tensor) < 1e-3 * moved, key  # and by the same update
+
+    resumed_dir = train_run(tmp_path / "resumed", *grpo, *STRATEGIES["fsdp"],
+                            f"resume={fsdp_dir / 'checkpoints' / 'step-2.ckpt'}", experiment="grpo_deepscaler")[1]
+    resumed_kl = train_metrics(resumed_dir, "train/kl")
+    assert sorted(resumed_kl) == [2, 3]
+    assert resumed_kl == pytest.approx({step: kl for step, kl in train_metrics(fsdp_dir, "train/kl").items()
+                                        if step >= 2}, rel=1e-4)
 
 
 def test_resuming_on_another_number_of_ranks_warns(capsys):

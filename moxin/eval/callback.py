@@ -10,6 +10,7 @@ import lightning as L
 from moxin.eval.runner import print_table, run_suite, summary_metrics, wandb_table, write_results
 from moxin.eval.suites import EvalSuite
 from moxin.modules.base import rng_state, set_rng_state
+from moxin.parallel import gathered_weights
 
 
 class EvalCallback(L.Callback):
@@ -19,8 +20,9 @@ class EvalCallback(L.Callback):
     to every logger at that step, and a table of all evaluations so far to W&B.
 
     Multi-GPU: the other ranks wait at a barrier, so a suite must finish within the process
-    group's timeout (30 minutes by default); keep in-training suites small (eval.limit). Sharded
-    strategies (FSDP) cannot run a forward pass on one rank alone and are refused.
+    group's timeout (30 minutes by default); keep in-training suites small (eval.limit). Under FSDP
+    every rank gathers the whole model for the evaluation (moxin.parallel.gathered_weights), so rank 0
+    runs it alone, in FSDP's compute dtype.
     """
 
     def __init__(self, suite: EvalSuite, every_n_steps: int, tokenizer, run_dir: str | Path):
@@ -31,21 +33,17 @@ class EvalCallback(L.Callback):
         self.history: list[tuple[str, dict[str, float]]] = []  # (label, paper row) per evaluation
         self._last_step = -1
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if "fsdp" in type(trainer.strategy).__name__.lower():
-            raise ValueError("the evaluation callback runs the model on rank 0 alone, which FSDP cannot do; "
-                             "evaluate the saved checkpoints with task=evaluate instead")
-
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         # With gradient accumulation this hook runs once per micro-batch: evaluate once per step.
         if step == 0 or step % self.every_n_steps or step == self._last_step:
             return
         self._last_step = step
-        if trainer.is_global_zero:
-            with preserved_rng_state():  # lm-eval reseeds every generator; training's streams go on
-                self._evaluate(trainer, pl_module, step)
-        trainer.strategy.barrier("moxin_eval")
+        with gathered_weights(pl_module.model):
+            if trainer.is_global_zero:
+                with preserved_rng_state():  # lm-eval reseeds every generator; training's streams go on
+                    self._evaluate(trainer, pl_module, step)
+            trainer.strategy.barrier("moxin_eval")
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         from moxin.eval.lm import MoxinLM

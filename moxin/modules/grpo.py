@@ -10,6 +10,7 @@ sampled at `temperature`.
 
 Optimization is manual (several optimizer steps per batch): `phase.max_steps` counts optimizer
 steps, and gradient clipping is `grpo.max_grad_norm` (the Trainer's own clipping stays off).
+Under FSDP every rank gathers the whole policy for its rollouts (moxin.parallel.gathered_weights).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from moxin.losses import (
 from moxin.model import Transformer
 from moxin.modules.base import MoxinModule
 from moxin.modules.reference import ReferencePolicy
+from moxin.parallel import gathered_weights
 from moxin.rewards import REWARDS, MathVerifier, timed_rewards
 
 
@@ -107,8 +109,9 @@ class GRPOModule(ReferencePolicy, MoxinModule):
         g, eos = self.grpo.group_size, self.tokenizer.eos_token_id
         seed = self.grpo.seed + 1_000_003 * self.global_step + self.global_rank
         started = time.perf_counter()
-        out = generate(self.model, [p for p in prompts for _ in range(g)], self.grpo.max_new_tokens,
-                       temperature=self.grpo.temperature, top_p=self.grpo.top_p, stop=[eos], seed=seed)
+        with gathered_weights(self.model):  # FSDP: each rank samples to its own lengths, no collectives
+            out = generate(self.model, [p for p in prompts for _ in range(g)], self.grpo.max_new_tokens,
+                           temperature=self.grpo.temperature, top_p=self.grpo.top_p, stop=[eos], seed=seed)
         rollout_s = time.perf_counter() - started
         texts = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in out.tokens]
         rewards, correct, reward_s = timed_rewards(self.grpo.reward, texts, [a for a in answers for _ in range(g)],
@@ -191,8 +194,9 @@ class GRPOModule(ReferencePolicy, MoxinModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Greedy answers to held-out problems: accuracy and reward."""
-        out = generate(self.model, batch["prompt_ids"], self.grpo.val_max_new_tokens or self.grpo.max_new_tokens,
-                       stop=[self.tokenizer.eos_token_id])
+        with gathered_weights(self.model):
+            out = generate(self.model, batch["prompt_ids"],
+                           self.grpo.val_max_new_tokens or self.grpo.max_new_tokens, stop=[self.tokenizer.eos_token_id])
         texts = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in out.tokens]
         rewards, correct, _ = timed_rewards(self.grpo.reward, texts, batch["answers"], self.verifier)
         size = len(texts)
