@@ -2,7 +2,11 @@
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
+try:
+    from omegaconf import OmegaConf
+except ImportError:  # the model, its kernels and the GPU benchmarks need torch alone (a bare GPU image)
+    OmegaConf = None
 
-# ${moxin.repo:} in configs: the repository's folder (the tiny offline data lives under experiments/).
-OmegaConf.register_new_resolver("moxin.repo", lambda: str(Path(__file__).resolve().parent.parent), replace=True)
+if OmegaConf is not None:
+    # ${moxin.repo:} in configs: the repository's folder (the tiny offline data lives under experiments/).
+    OmegaConf.register_new_resolver("moxin.repo", lambda: str(Path(__file__).resolve().parent.parent), replace=True)

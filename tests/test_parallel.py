@@ -557,6 +557,40 @@ def test_start_weights_are_fp32_and_every_rank_checks_the_path(tmp_path):
         start_weights(str(tmp_path / "missing"), read=False)
 
 
+# --- the GPU checks' programs, which a bare GPU image (PyTorch alone) must run ---
+
+# Imported at start-up: the project's other dependencies cannot be imported, as on such an image.
+TORCH_ONLY = """
+import sys
+class _Absent:
+    names = {"omegaconf", "hydra", "lightning", "datasets", "transformers", "wandb", "lm_eval", "mistral_common",
+             "safetensors", "colossalai"}
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.names:
+            raise ImportError(f"{name} is not installed on a bare GPU image")
+sys.meta_path.insert(0, _Absent())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("program", ["experiments/gpu/fsdp_check.py", "experiments/benchmarks/mfu.py"])
+def test_gpu_check_programs_run_with_pytorch_alone(program, tmp_path):
+    """experiments/gpu/run_checks.sh runs these on a GPU image with nothing but PyTorch; without a GPU
+    they check themselves on the CPU (fp32), and say so."""
+    (tmp_path / "sitecustomize.py").write_text(TORCH_ONLY)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}", "OMP_NUM_THREADS": "1"}
+    args = ["--steps", "2", "--warmup", "1", "--seq", "64"] if program.endswith("mfu.py") else []
+    done = subprocess.run([sys.executable, program, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "no GPU" in result["note"]
+    if program.endswith("fsdp_check.py"):
+        assert result["ok"] and result["losses_fsdp"] == pytest.approx(result["losses_plain"], rel=1e-5)
+    else:
+        assert result["losses_agree"] and result["ours"] > 0
+
+
 # --- on GPUs (skipped without CUDA): the plugins and precisions a CPU cannot run ---
 
 GPU_STRATEGIES = {
