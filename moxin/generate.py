@@ -270,6 +270,5 @@ def _decode(model: Transformer, prompts: list[list[int]], max_new_tokens: int, t
             done[row] = should_stop(out.tokens[row])
         if all(done) or step == max_new_tokens - 1:
             break
-        # hidden_states, then the head (not model(...)): one FSDP entry per step (moxin.parallel.gathered_weights)
-        logits = model.output(model.hidden_states(next_tokens[:, None], cache=cache)[:, -1]).float()
+        logits = model(next_tokens[:, None], cache=cache)[:, -1].float()
     return out

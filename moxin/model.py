@@ -283,7 +283,9 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache=None,
                 segments: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for tokens (B, T) at positions start_pos .. start_pos + T - 1."""
-        return self.output(self.hidden_states(tokens, start_pos, cache, segments))
+        # The class's own hidden_states: under FSDP2 the instance's is wrapped as a second entry point,
+        # and entering the model inside its own forward would free the root's gathered weights.
+        return self.output(Transformer.hidden_states(self, tokens, start_pos, cache, segments))
 
     def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0, cache=None,
                       segments: torch.Tensor | None = None) -> torch.Tensor:

@@ -109,9 +109,8 @@ def gathered_weights(model: nn.Module):
     """Under FSDP2, every rank holds the whole model (in FSDP's compute dtype) inside the block, so each
     rank may run as many forward passes as it needs with no collective among them: rollouts that stop
     at different lengths on different ranks, or an evaluation on rank 0 alone. Entering and leaving
-    gather and free the weights: every rank must enter together. Inside, call `hidden_states` or
-    `forward`, not one from within the other (the outer FSDP entry would free the root), and run no
-    backward pass. A model that FSDP does not shard is left as it is."""
+    gather and free the weights: every rank must enter together. Run no backward pass inside. A model
+    that FSDP does not shard is left as it is."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [module for module in model.modules() if isinstance(module, FSDPModule)]
@@ -120,6 +119,11 @@ def gathered_weights(model: nn.Module):
         unit.unshard()
     try:
         yield model
+    except BaseException:
+        # A forward cut short leaves FSDP mid-iteration (its reshard would skip units): reset it first.
+        if units and hasattr(units[0], "reset_iter_state"):  # torch >= 2.12
+            units[0].reset_iter_state()
+        raise
     finally:
         for unit in units:
             unit.set_reshard_after_forward(getattr(unit, "_moxin_reshard_after_forward", True), recurse=False)

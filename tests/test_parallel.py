@@ -348,6 +348,8 @@ def test_dpo_under_fsdp_resumes_with_its_sharded_reference(tmp_path):
 # --- GRPO under FSDP: each rank samples its own rollouts from the gathered policy ---
 
 def _gathered_generation_worker(rank: int, init_file: str) -> None:
+    from datetime import timedelta
+
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
@@ -355,27 +357,42 @@ def _gathered_generation_worker(rank: int, init_file: str) -> None:
     from moxin.generate import generate
     from moxin.parallel import FSDPConfig, gathered_weights, shard_model
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    plain, model = tiny_model(), tiny_model()
-    shard_model(model, init_device_mesh("cpu", (2,)), FSDPConfig(param_dtype=None, reduce_dtype=None))
+    # A collective left unpaired fails in a minute instead of gloo's 30.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    mesh = init_device_mesh("cpu", (2,))
     prompts, new_tokens = [[1, 5, 9], [3]], 4 if rank == 0 else 30  # rank 1 runs 26 forward passes more
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    for param_dtype in (None, "bf16"):  # as stored (fp32), and FSDP's bf16 compute on GPUs
+        plain, model = tiny_model(), tiny_model()
+        shard_model(model, mesh, FSDPConfig(param_dtype=param_dtype, reduce_dtype=None))
+        with gathered_weights(model):
+            out = generate(model, prompts, new_tokens, temperature=1.0, seed=rank)
+            for _ in range(1 + 2 * rank):  # whole forward passes too, a different number per rank
+                model(tokens)
+        compute = plain.to(torch.bfloat16) if param_dtype else plain
+        expected = generate(compute, prompts, new_tokens, temperature=1.0, seed=rank)
+        assert out.tokens == expected.tokens and len(out.tokens[0]) == new_tokens, param_dtype
+        assert all(isinstance(p, DTensor) for p in model.parameters())  # sharded again for training
+
+    with pytest.raises(ValueError, match="exceeds max_seq_len"), gathered_weights(model):
+        model(torch.ones(1, 65, dtype=torch.long))  # fails inside FSDP's forward (max_seq_len 64) ...
+    assert all(isinstance(p, DTensor) for p in model.parameters())  # ... and FSDP is reset and resharded
+    plain, model = tiny_model(), tiny_model()
+    shard_model(model, mesh, FSDPConfig(param_dtype=None, reduce_dtype=None))
     with gathered_weights(model):
-        out = generate(model, prompts, new_tokens, temperature=1.0, seed=rank)
-    expected = generate(plain, prompts, new_tokens, temperature=1.0, seed=rank)
-    assert out.tokens == expected.tokens and len(out.tokens[0]) == new_tokens
-    assert all(isinstance(p, DTensor) for p in model.parameters())  # sharded again for training
-    loss = model(torch.tensor([[1, 2, 3, 4]])).float().logsumexp(-1).mean()
-    loss.backward()  # training's collectives still pair up across the ranks
-    plain_loss = plain(torch.tensor([[1, 2, 3, 4]])).float().logsumexp(-1).mean()
-    plain_loss.backward()
+        generate(model, prompts, new_tokens)
+    model(tokens).float().logsumexp(-1).mean().backward()  # training's collectives still pair up
+    plain(tokens).float().logsumexp(-1).mean().backward()
     for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
         assert torch.allclose(p.grad.full_tensor(), q.grad, atol=1e-6), name
     dist.destroy_process_group()
 
 
 def test_gathered_weights_let_each_rank_generate_alone(tmp_path):
-    """Inside gathered_weights each rank decodes as many tokens as it needs with no collective (else the
-    ranks' all-gathers would not pair up), the tokens are the unsharded model's, and FSDP trains after."""
+    """Inside gathered_weights each rank runs as many forward passes as it needs with no collective (else
+    the ranks' all-gathers would not pair up), the tokens are the unsharded model's in fp32 and bf16,
+    a failure inside leaves the model sharded, and FSDP trains after."""
     import torch.multiprocessing as mp
 
     mp.spawn(_gathered_generation_worker, args=(str(tmp_path / "init"),), nprocs=2, join=True)
@@ -416,6 +433,12 @@ def answering_bigram(path: Path) -> Path:
     return path
 
 
+def sample_scores(path: Path) -> list[float]:
+    """The log-likelihoods lm-eval logged for each request of each sample (log_samples)."""
+    return [float(response[0]) for sample in json.loads(path.read_text())["arc_easy"]
+            for responses in sample["resps"] for response in responses]
+
+
 def train_metrics(run_dir: Path, key: str) -> dict[int, float]:
     with open(run_dir / "csv" / "metrics.csv") as f:
         return {int(row["step"]): float(row[key]) for row in csv.DictReader(f) if row.get(key)}
@@ -432,14 +455,15 @@ def test_grpo_under_fsdp_matches_ddp_and_resumes(eval_data_dir, tmp_path):
             "context.micro_batch_size=2", "phase.grpo.group_size=4", "phase.grpo.reward=correct",
             "phase.grpo.val_max_new_tokens=8", *TWO_PROCESSES)
     evaluate = ("eval.every_n_steps=3", f"eval.data_dir={eval_data_dir}", "eval.limit=4", "eval.max_length=64",
-                "eval.tasks=[{name: arc_easy, num_fewshot: 0, metric: acc, column: ARC-E}]")
+                "eval.tasks=[{name: arc_easy, num_fewshot: 0, metric: acc, column: ARC-E}]", "eval.log_samples=true")
     ddp, ddp_dir = train_run(tmp_path / "ddp", *grpo, *evaluate, *STRATEGIES["ddp"], experiment="grpo_deepscaler")
     fsdp, fsdp_dir = train_run(tmp_path / "fsdp", *grpo, *evaluate, *STRATEGIES["fsdp"], experiment="grpo_deepscaler")
     assert len(ddp) == 4 and sorted(fsdp) == sorted(ddp)
-    for step in (3,):  # the evaluation callback: rank 0 alone, on the weights FSDP gathered for it
-        rows = [json.loads((run / "eval" / f"step-{step}" / "results.json").read_text())["lm_eval"]["results"]
-                for run in (ddp_dir, fsdp_dir)]
-        assert rows[1]["arc_easy"]["acc,none"] == rows[0]["arc_easy"]["acc,none"]
+    # The evaluation callback at step 3: rank 0 alone, on the weights FSDP gathered for it. Each answer
+    # choice's log-likelihood (16 of them) as under ddp.
+    ddp_scores, fsdp_scores = (sample_scores(run / "eval" / "step-3" / "results_samples.json")
+                               for run in (ddp_dir, fsdp_dir))
+    assert len(ddp_scores) == 16 and fsdp_scores == pytest.approx(ddp_scores, rel=1e-5)
     assert max(train_metrics(ddp_dir, "train/reward_std").values()) > 0  # the updates had something to learn
     # The same rollouts (lengths, rewards), and the policy moving away from the reference alike: the KL
     # of steps 1-3 (1e-6 to 1e-4) measures the updates. (The loss itself is ~0: advantages average to 0.)

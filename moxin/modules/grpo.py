@@ -32,7 +32,7 @@ from moxin.losses import (
 from moxin.model import Transformer
 from moxin.modules.base import MoxinModule
 from moxin.modules.reference import ReferencePolicy
-from moxin.parallel import gathered_weights
+from moxin.parallel import gathered_weights, reshard
 from moxin.rewards import REWARDS, MathVerifier, timed_rewards
 
 
@@ -135,6 +135,7 @@ class GRPOModule(ReferencePolicy, MoxinModule):
                 hidden = self.reference.hidden_states(batch["input_ids"])
                 batch["reference_logps"] = token_logps_and_entropy(hidden, self.reference.output.weight,
                                                                    batch["labels"], entropy_rows=0)[0]
+            reshard(self.reference)  # FSDP: no backward frees what its forward gathered; free it now
         lengths = torch.tensor([len(t) for t in out.tokens], dtype=torch.float32)
         stats = {"reward": rewards.mean(), "reward_std": rewards.std(dim=-1, unbiased=False).mean(),
                  "accuracy": torch.tensor(correct, dtype=torch.float32).mean(), "response_length": lengths.mean(),
