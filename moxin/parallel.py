@@ -30,6 +30,9 @@ class FSDPConfig:
     reduce_dtype: str | None = "fp32"  # gradients are reduce-scattered in this dtype
     reshard_after_forward: bool = True  # ZeRO-3: free gathered weights after each block's forward
     sharded_checkpoint: bool = True  # each rank saves its shard (a folder); False: one file gathered on rank 0
+    # HSDP: shard within groups of this many consecutive ranks (a node's GPUs) and replicate across the
+    # groups, so the per-block all-gathers stay inside a node. None: shard over all ranks.
+    shard_size: int | None = None
 
 
 @dataclass
@@ -58,6 +61,8 @@ class ParallelConfig:
             value = getattr(self.fsdp, name)
             if value is not None and value not in DTYPES:
                 raise ValueError(f"hardware.fsdp.{name}={value!r} is not one of {sorted(DTYPES)} or null")
+        if self.fsdp.shard_size is not None and self.fsdp.shard_size < 1:
+            raise ValueError(f"hardware.fsdp.shard_size={self.fsdp.shard_size} must be >= 1 (or null: all ranks)")
 
 
 # --- the switches, applied per block ---
@@ -86,10 +91,26 @@ def compile_blocks(model: Transformer, backend: str = "inductor") -> None:
     wrap_training_forwards(model, lambda plain: torch.compile(plain, backend=backend))
 
 
+def fsdp_mesh(data_parallel_mesh, fsdp: FSDPConfig):
+    """The mesh FSDP shards over: all data-parallel ranks, or for HSDP (fsdp.shard_size) a 2-D mesh of
+    (replicas, shard_size) in which consecutive ranks form a shard group. Collective: every rank calls it."""
+    ranks = data_parallel_mesh.size()
+    if fsdp.shard_size is None or fsdp.shard_size == ranks:
+        return data_parallel_mesh
+    if ranks % fsdp.shard_size:
+        raise ValueError(f"hardware.fsdp.shard_size={fsdp.shard_size} does not divide the {ranks} data-parallel "
+                         "ranks (devices x num_nodes); give a divisor, such as the GPUs per node")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(data_parallel_mesh.device_type, (ranks // fsdp.shard_size, fsdp.shard_size),
+                            mesh_dim_names=("replicate", "shard"))
+
+
 def shard_model(model: Transformer, mesh, fsdp: FSDPConfig) -> None:
     """FSDP2: each block is one unit (gathered for its forward and backward, resharded after); the root
     unit holds the embedding, the final norm and the LM head. `hidden_states` is registered as a forward
-    method, since the training losses call it and then the head's weight rather than `forward`."""
+    method, since the training losses call it and then the head's weight rather than `forward`. On a 2-D
+    mesh (fsdp_mesh with shard_size) FSDP2 shards over its second dimension and replicates over its first."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     policy = MixedPrecisionPolicy(param_dtype=DTYPES.get(fsdp.param_dtype), reduce_dtype=DTYPES.get(fsdp.reduce_dtype))

@@ -60,6 +60,23 @@ def test_parallel_config_names_bad_values():
         ParallelConfig(strategy="deepspeed")
     with pytest.raises(ValueError, match="hardware.fsdp.param_dtype='fp8'"):
         ParallelConfig(strategy="fsdp", fsdp={"param_dtype": "fp8"})
+    with pytest.raises(ValueError, match="hardware.fsdp.shard_size=0"):
+        ParallelConfig(strategy="fsdp", fsdp={"shard_size": 0})
+
+
+def test_hsdp_shard_size_must_divide_the_ranks():
+    from moxin.parallel import FSDPConfig, fsdp_mesh
+
+    class Mesh:  # the data-parallel mesh of 12 ranks (only its size is read before the check)
+        device_type = "cpu"
+
+        def size(self):
+            return 12
+
+    mesh = Mesh()
+    assert fsdp_mesh(mesh, FSDPConfig()) is mesh and fsdp_mesh(mesh, FSDPConfig(shard_size=12)) is mesh
+    with pytest.raises(ValueError, match="shard_size=8 does not divide the 12 data-parallel ranks"):
+        fsdp_mesh(mesh, FSDPConfig(shard_size=8))
 
 
 def test_world_size_counts_devices_times_nodes():
@@ -234,6 +251,7 @@ TWO_PROCESSES = ("hardware.accelerator=cpu", "hardware.devices=2")
 STRATEGIES = {
     "ddp": ("hardware=ddp", "hardware.precision=32-true"),
     "fsdp": ("hardware=fsdp", "hardware.fsdp.param_dtype=null"),
+    "hsdp": ("hardware=fsdp", "hardware.fsdp.param_dtype=null", "hardware.fsdp.shard_size=1"),  # 2 replicas of 1
     "colossalai_ddp": ("hardware=colossalai_ddp",),
     "colossalai_hybrid": ("hardware=colossalai_hybrid", "hardware.colossalai.options.precision=fp32",
                           "hardware.colossalai.options.zero_stage=0"),
@@ -285,6 +303,11 @@ def test_two_processes_match_one_and_resume_from_their_checkpoints(name, one_pro
         difference = torch.linalg.vector_norm(final[key] - expected[key]) / torch.linalg.vector_norm(expected[key])
         assert difference < 1e-4, (name, key, float(difference))
 
+    if name in ("fsdp", "hsdp"):  # each weight in 2 shards, or (HSDP, shard groups of 1) whole on each replica
+        from moxin.safe_dcp import SafeMetadataReader
+
+        stored = SafeMetadataReader(str(run_dir / "checkpoints" / "last.ckpt")).read_metadata().state_dict_metadata
+        assert len(stored["state_dict.model.output.weight"].chunks) == {"fsdp": 2, "hsdp": 1}[name]
     # Its checkpoints (files, or folders of shards) load as models for task=evaluate / generate.
     saved = load_model(str(run_dir / "checkpoints" / "last.ckpt")).state_dict()
     for key, tensor in load_model(str(run_dir)).state_dict().items():
@@ -311,12 +334,14 @@ def test_torchrun_launch_matches_one_process(one_process, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_sft_equals_one_process(tmp_path):
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_two_process_sft_equals_one_process(name, tmp_path):
     """SFT divides each micro-batch's loss by the trained tokens of its whole optimizer step on all ranks
-    (step_tokens): right only if the ranks' micro-batches of a step are that step's items, in order."""
+    (step_tokens): right only if the ranks' micro-batches of a step are that step's items, in order.
+    Its rows pack several conversations (segments), which FSDP's sharded blocks must keep apart too."""
     sft = ("+experiment=sft_tulu3", "+scale=tiny", "phase.init_from=null", "phase.max_steps=6")
     _, one = train_run(tmp_path / "one", *sft, "context.micro_batch_size=8", experiment="sft_tulu3")
-    _, two = train_run(tmp_path / "two", *sft, *STRATEGIES["ddp"], *TWO_PROCESSES, experiment="sft_tulu3")
+    _, two = train_run(tmp_path / "two", *sft, *STRATEGIES[name], *TWO_PROCESSES, experiment="sft_tulu3")
     expected, trained = load_model(str(one)).state_dict(), load_model(str(two)).state_dict()
     for key, tensor in expected.items():
         difference = torch.linalg.vector_norm(trained[key] - tensor) / torch.linalg.vector_norm(tensor)

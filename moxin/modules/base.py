@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from moxin.model import ModelConfig, Transformer
-from moxin.parallel import ParallelConfig, materialize, on_meta_device, parallelize
+from moxin.parallel import ParallelConfig, fsdp_mesh, materialize, on_meta_device, parallelize
 
 
 @dataclass
@@ -106,6 +106,7 @@ class MoxinModule(L.LightningModule):
         # whether to broadcast them once it is sharded (not when a checkpoint will fill it).
         self.initial_state: dict[str, torch.Tensor] | None = None
         self.broadcast_initial_state = False
+        self._fsdp_mesh = None  # the device mesh FSDP shards over (configure_model)
 
     def start_weights_on_every_rank(self) -> bool:
         """Whether each rank needs the whole starting weights even under FSDP (DPO's cached reference)."""
@@ -115,7 +116,9 @@ class MoxinModule(L.LightningModule):
         """Lightning's hook for parallelism: checkpointing, compile and FSDP2 from the hardware option.
         A frozen reference policy (DPO, GRPO) is sharded like the policy but never compiled or checkpointed."""
         fsdp = self.parallel.strategy == "fsdp"
-        mesh = self.device_mesh["data_parallel"] if fsdp else None
+        if fsdp and self._fsdp_mesh is None:  # built once: Lightning calls this hook at every fit and validate
+            self._fsdp_mesh = fsdp_mesh(self.device_mesh["data_parallel"], self.parallel.fsdp)
+        mesh = self._fsdp_mesh
         parallelize(self.model, self.parallel, mesh)
         if fsdp and on_meta_device(self.model):
             if self.broadcast_initial_state and not self.trainer.strategy.broadcast(self.initial_state is not None):
