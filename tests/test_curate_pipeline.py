@@ -122,6 +122,21 @@ def test_a_50_mb_document_is_counted_as_too_long_not_a_crash(tmp_path):
                       curation(tmp_path), load_tokenizer(), log=lambda m: None)
     assert manifest["sources"]["t"]["removed"]["filter"] == {"too_long": 1}
     assert manifest["sources"]["t"]["streams"]["train"]["documents"] == 1
+    # Read and counted in characters, but not tokenised (about 40 s of a tokeniser's time): the filter drops it.
+    assert manifest["sources"]["t"]["characters"]["read"] > 50_000_000
+    assert manifest["sources"]["t"]["tokens"]["read"] < 10_000
+
+
+def test_only_documents_the_filter_drops_as_too_long_skip_tokenising():
+    from moxin.curate.pipeline import too_long_from
+
+    sources = [{"name": "web", "kind": "text", "path": "x"},
+               {"name": "code", "kind": "text", "path": "x", "profile": "code"},
+               {"name": "qa", "kind": "text", "path": "x", "profile": "qa"}]
+    data = DataConfig(sources=sources)
+    assert too_long_from(data, CurationConfig(out_dir="x", code_filters={"max_chars": 500})) == {
+        "web": 1_000_000, "code": 500, "qa": None}
+    assert too_long_from(data, CurationConfig(out_dir="x", prose_filters={"disabled": ["too_long"]}))["web"] is None
 
 
 def test_a_rerun_resumes_and_a_changed_config_is_refused(corpus, tmp_path):

@@ -97,7 +97,7 @@ def curate(data: DataConfig, cfg: CurationConfig, tokenizer, load_dataset: Calla
     reports = {s.name: SourceReport() for s in data.sources}
     profile = {s.name: s.profile for s in data.sources}
 
-    docs = _read(data, tokenizer, reports, cfg.progress)
+    docs = _read(data, tokenizer, reports, cfg.progress, too_long_from(data, cfg))
     docs = _filter(docs, cfg, profile, reports)
     clusters: list[dict[str, Any]] = []
     if cfg.exact_dedup:
@@ -175,8 +175,21 @@ def _check_paths(data: DataConfig) -> None:
             list_files(source)  # raises FileNotFoundError naming the source and the path
 
 
-def _read(data: DataConfig, tokenizer, reports: dict[str, SourceReport], progress: bool) -> list[Document]:
-    """Every source's documents, normalised and tokenised (so every stage can count its tokens)."""
+def too_long_from(data: DataConfig, cfg: CurationConfig) -> dict[str, int | None]:
+    """Per source, the length in characters past which its quality filter removes a document as
+    too_long (None: no such rule applies, as for qa sources or with too_long disabled)."""
+    limits = {}
+    for source in data.sources:
+        rules = {"prose": cfg.prose_filters, "code": cfg.code_filters}.get(source.profile)
+        limits[source.name] = None if rules is None or "too_long" in rules.disabled else rules.max_chars
+    return limits
+
+
+def _read(data: DataConfig, tokenizer, reports: dict[str, SourceReport], progress: bool,
+          too_long: dict[str, int | None]) -> list[Document]:
+    """Every source's documents, normalised and tokenised (so every stage can count its tokens).
+    A document that the filter stage will remove as too_long (a dump of many megabytes) is not
+    tokenised: the read stage's token count leaves it out, its characters are counted."""
     from tqdm import tqdm
 
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
@@ -185,8 +198,13 @@ def _read(data: DataConfig, tokenizer, reports: dict[str, SourceReport], progres
         stats = SourceStats()
         texts = tqdm(iter_documents(source, stats), desc=f"read {source.name}", unit=" docs", disable=not progress)
         mine = [Document(source.name, i, normalize_document(text)) for i, text in enumerate(texts)]
-        for start in tqdm(range(0, len(mine), 256), desc=f"tokenise {source.name}", disable=not progress):
-            batch = mine[start:start + 256]
+        limit = too_long[source.name]
+        for doc in mine:
+            if limit is not None and len(doc.text) > limit:
+                doc.tokens = np.zeros(0, dtype=dtype)
+        pending = [doc for doc in mine if doc.tokens is None]
+        for start in tqdm(range(0, len(pending), 256), desc=f"tokenise {source.name}", disable=not progress):
+            batch = pending[start:start + 256]
             for doc, ids in zip(batch, tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"],
                                 strict=True):
                 doc.tokens = np.asarray(ids, dtype=dtype)
