@@ -44,7 +44,9 @@ class ColossalAIConfig:
 @dataclass
 class ParallelConfig:
     strategy: str = "auto"  # auto | ddp | fsdp | colossalai
-    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    # Recompute blocks' activations in the backward pass: true = every block, N = every N-th block
+    # (blocks 0, N, 2N, ...: less recomputation, more memory), false = none.
+    activation_checkpointing: bool | int = False
     compile: bool = False  # torch.compile each block (training steps only: generation stays eager)
     compile_backend: str = "inductor"
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
@@ -61,17 +63,20 @@ class ParallelConfig:
             value = getattr(self.fsdp, name)
             if value is not None and value not in DTYPES:
                 raise ValueError(f"hardware.fsdp.{name}={value!r} is not one of {sorted(DTYPES)} or null")
+        if isinstance(self.activation_checkpointing, float) or int(self.activation_checkpointing) < 0:
+            raise ValueError(f"hardware.activation_checkpointing={self.activation_checkpointing!r}: give true, "
+                             "false, or N >= 1 to recompute every N-th block")
         if self.fsdp.shard_size is not None and self.fsdp.shard_size < 1:
             raise ValueError(f"hardware.fsdp.shard_size={self.fsdp.shard_size} must be >= 1 (or null: all ranks)")
 
 
 # --- the switches, applied per block ---
 
-def wrap_training_forwards(model: Transformer, wrap) -> None:
-    """Each block runs `wrap(its forward)` while gradients are on, and its plain forward otherwise
-    (validation, generation with its changing cache shapes). The forward is replaced on the instance,
-    so parameter names (and checkpoints) do not change."""
-    for block in model.layers:
+def wrap_training_forwards(model: Transformer, wrap, every: int = 1) -> None:
+    """Each `every`-th block (0, every, 2 x every, ...) runs `wrap(its forward)` while gradients are on,
+    and its plain forward otherwise (validation, generation with its changing cache shapes). The
+    forward is replaced on the instance, so parameter names (and checkpoints) do not change."""
+    for block in model.layers[::every]:
         plain = block.forward
         training = wrap(plain)
 
@@ -81,9 +86,10 @@ def wrap_training_forwards(model: Transformer, wrap) -> None:
         block.forward = types.MethodType(forward, block)
 
 
-def checkpoint_activations(model: Transformer) -> None:
-    """Each block keeps only its input during training and recomputes the rest in the backward pass."""
-    wrap_training_forwards(model, lambda plain: functools.partial(checkpoint, plain, use_reentrant=False))
+def checkpoint_activations(model: Transformer, every: int = 1) -> None:
+    """Each `every`-th block keeps only its input during training and recomputes the rest in the backward
+    pass (every=1: all blocks)."""
+    wrap_training_forwards(model, lambda plain: functools.partial(checkpoint, plain, use_reentrant=False), every)
 
 
 def compile_blocks(model: Transformer, backend: str = "inductor") -> None:
@@ -171,7 +177,7 @@ def parallelize(model: Transformer, parallel: ParallelConfig, mesh=None) -> None
             reshard(model)
         return
     if parallel.activation_checkpointing:
-        checkpoint_activations(model)
+        checkpoint_activations(model, every=int(parallel.activation_checkpointing))  # true counts as 1
     if parallel.compile:
         compile_blocks(model, parallel.compile_backend)
     if parallel.strategy == "fsdp":

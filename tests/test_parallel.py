@@ -4,6 +4,7 @@ and Colossal-AI matching one process with the same global batch, with checkpoint
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -202,6 +203,23 @@ def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients():
     with torch.no_grad():
         model(tokens)
     assert len(calls) == len(model.layers)  # nothing to recompute without gradients
+
+
+def test_selective_activation_checkpointing_recomputes_every_nth_block():
+    tokens = torch.randint(0, 97, (2, 16))
+    model = Transformer(dataclasses.replace(tiny_model().config, n_layers=5))
+    _, grads = _loss_and_grads(model, tokens)
+    checkpoint_activations(model, every=2)
+    runs = []
+    for i, block in enumerate(model.layers):
+        block.feed_forward.register_forward_pre_hook(lambda *args, i=i: runs.append(i))
+    _, grads2 = _loss_and_grads(model, tokens)
+    assert sorted(runs) == [0, 0, 1, 2, 2, 3, 4, 4]  # blocks 0, 2 and 4 again in the backward pass
+    for name in grads:
+        torch.testing.assert_close(grads2[name], grads[name], rtol=1e-5, atol=1e-7)
+    assert ParallelConfig(activation_checkpointing=3).activation_checkpointing == 3
+    with pytest.raises(ValueError, match="activation_checkpointing=-1"):
+        ParallelConfig(activation_checkpointing=-1)
 
 
 def test_compile_covers_training_forwards_and_leaves_generation_eager():
@@ -547,22 +565,22 @@ def test_colossalai_step_is_skipped_only_for_a_skipped_training_step(monkeypatch
 
 
 def test_checkpointing_and_compile_switches_train_like_the_plain_model(make_cfg, tmp_path, monkeypatch):
-    """hardware.activation_checkpointing and hardware.compile through the trainer: the same losses and
-    the same exported weights as without them (aot_eager: torch.compile's graphs without a C compiler)."""
+    """hardware.activation_checkpointing (every 2nd block) and hardware.compile through the trainer: the same
+    losses and exported weights as without them (aot_eager: torch.compile's graphs without a C compiler)."""
     import moxin.parallel
     from moxin.train import run
 
     applied = []
     for name in ("checkpoint_activations", "compile_blocks"):
         original = getattr(moxin.parallel, name)
-        monkeypatch.setattr(moxin.parallel, name,
-                            lambda model, *args, _f=original, _n=name: (applied.append(_n), _f(model, *args))[1])
+        monkeypatch.setattr(moxin.parallel, name, lambda model, *args, _f=original, _n=name, **kw: (
+            applied.append(_n), _f(model, *args, **kw))[1])
 
     steps = ("+experiment=tiny_debug", "phase.max_steps=4", "phase.val_every_steps=2", "phase.log_every_steps=1",
              "eval.every_n_steps=0")
     plain = run(make_cfg(*steps, run_name="plain"))
     assert applied == []
-    switched = run(make_cfg(*steps, "hardware.activation_checkpointing=true", "hardware.compile=true",
+    switched = run(make_cfg(*steps, "hardware.activation_checkpointing=2", "hardware.compile=true",  # blocks 0, 2
                             "hardware.compile_backend=aot_eager", run_name="switched"))
     assert applied == ["checkpoint_activations", "compile_blocks"]  # once, though fit and validate both ran
     assert switched["val/loss"] == pytest.approx(plain["val/loss"], rel=1e-5)
