@@ -34,6 +34,15 @@ class FSDPConfig:
     # groups, so the per-block all-gathers stay inside a node. None: shard over all ranks.
     shard_size: int | None = None
 
+    def replicas(self, ranks: int) -> int:
+        """How many copies of the sharded model `ranks` data-parallel ranks hold (1: plain FSDP)."""
+        if self.shard_size is None or self.shard_size == ranks:
+            return 1
+        if ranks % self.shard_size:
+            raise ValueError(f"hardware.fsdp.shard_size={self.shard_size} does not divide the {ranks} data-parallel "
+                             "ranks (devices x num_nodes); give a divisor, such as the GPUs per node")
+        return ranks // self.shard_size
+
 
 @dataclass
 class ColossalAIConfig:
@@ -45,7 +54,7 @@ class ColossalAIConfig:
 class ParallelConfig:
     strategy: str = "auto"  # auto | ddp | fsdp | colossalai
     # Recompute blocks' activations in the backward pass: true = every block, N = every N-th block
-    # (blocks 0, N, 2N, ...: less recomputation, more memory), false = none.
+    # (blocks 0, N, 2N, ...: less recomputation, more memory), false = none. Held as N (0: none).
     activation_checkpointing: bool | int = False
     compile: bool = False  # torch.compile each block (training steps only: generation stays eager)
     compile_backend: str = "inductor"
@@ -63,11 +72,24 @@ class ParallelConfig:
             value = getattr(self.fsdp, name)
             if value is not None and value not in DTYPES:
                 raise ValueError(f"hardware.fsdp.{name}={value!r} is not one of {sorted(DTYPES)} or null")
-        if isinstance(self.activation_checkpointing, float) or int(self.activation_checkpointing) < 0:
-            raise ValueError(f"hardware.activation_checkpointing={self.activation_checkpointing!r}: give true, "
-                             "false, or N >= 1 to recompute every N-th block")
-        if self.fsdp.shard_size is not None and self.fsdp.shard_size < 1:
-            raise ValueError(f"hardware.fsdp.shard_size={self.fsdp.shard_size} must be >= 1 (or null: all ranks)")
+        self.activation_checkpointing = every_nth_block(self.activation_checkpointing)
+        size = self.fsdp.shard_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"hardware.fsdp.shard_size={size!r} must be a whole number >= 1 (or null: all ranks)")
+
+
+def every_nth_block(value) -> int:
+    """hardware.activation_checkpointing as the N of "every N-th block": false/null 0, true 1, N as given."""
+    if value is None or value is False:
+        return 0
+    if value is True:
+        return 1
+    if isinstance(value, int) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise ValueError(f"hardware.activation_checkpointing={value!r}: give true, false, or N >= 1 to recompute "
+                     "every N-th block")
 
 
 # --- the switches, applied per block ---
@@ -100,15 +122,12 @@ def compile_blocks(model: Transformer, backend: str = "inductor") -> None:
 def fsdp_mesh(data_parallel_mesh, fsdp: FSDPConfig):
     """The mesh FSDP shards over: all data-parallel ranks, or for HSDP (fsdp.shard_size) a 2-D mesh of
     (replicas, shard_size) in which consecutive ranks form a shard group. Collective: every rank calls it."""
-    ranks = data_parallel_mesh.size()
-    if fsdp.shard_size is None or fsdp.shard_size == ranks:
+    replicas = fsdp.replicas(data_parallel_mesh.size())
+    if replicas == 1:
         return data_parallel_mesh
-    if ranks % fsdp.shard_size:
-        raise ValueError(f"hardware.fsdp.shard_size={fsdp.shard_size} does not divide the {ranks} data-parallel "
-                         "ranks (devices x num_nodes); give a divisor, such as the GPUs per node")
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(data_parallel_mesh.device_type, (ranks // fsdp.shard_size, fsdp.shard_size),
+    return init_device_mesh(data_parallel_mesh.device_type, (replicas, fsdp.shard_size),
                             mesh_dim_names=("replicate", "shard"))
 
 
@@ -177,7 +196,7 @@ def parallelize(model: Transformer, parallel: ParallelConfig, mesh=None) -> None
             reshard(model)
         return
     if parallel.activation_checkpointing:
-        checkpoint_activations(model, every=int(parallel.activation_checkpointing))  # true counts as 1
+        checkpoint_activations(model, every=parallel.activation_checkpointing)
     if parallel.compile:
         compile_blocks(model, parallel.compile_backend)
     if parallel.strategy == "fsdp":

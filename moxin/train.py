@@ -147,6 +147,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callba
     phase, hw = cfg.phase, cfg.hardware
     parallel = parallel or parallel_config(hw)
     processes = world_size(hw.accelerator, hw.devices, hw.num_nodes)
+    if parallel.strategy == "fsdp":
+        parallel.fsdp.replicas(processes)  # a shard size that does not divide the ranks fails here, not after start
     accumulate = accumulation(cfg, processes)
     strategy, gradient_clip_val = build_strategy(parallel, processes, phase.gradient_clip_val, hw.precision)
     callbacks = [

@@ -61,23 +61,52 @@ def test_parallel_config_names_bad_values():
         ParallelConfig(strategy="deepspeed")
     with pytest.raises(ValueError, match="hardware.fsdp.param_dtype='fp8'"):
         ParallelConfig(strategy="fsdp", fsdp={"param_dtype": "fp8"})
-    with pytest.raises(ValueError, match="hardware.fsdp.shard_size=0"):
-        ParallelConfig(strategy="fsdp", fsdp={"shard_size": 0})
+    for bad in (0, "8", True):
+        with pytest.raises(ValueError, match=f"hardware.fsdp.shard_size={bad!r} must be a whole number"):
+            ParallelConfig(strategy="fsdp", fsdp={"shard_size": bad})
 
 
-def test_hsdp_shard_size_must_divide_the_ranks():
+def test_hsdp_shard_size_must_divide_the_ranks(make_cfg, tmp_path):
+    from moxin.parallel import FSDPConfig
+    from moxin.train import build_trainer
+
+    assert FSDPConfig().replicas(12) == 1 and FSDPConfig(shard_size=12).replicas(12) == 1
+    assert FSDPConfig(shard_size=4).replicas(12) == 3
+    with pytest.raises(ValueError, match="shard_size=8 does not divide the 12 data-parallel ranks"):
+        FSDPConfig(shard_size=8).replicas(12)
+    cfg = make_cfg("+experiment=tiny_debug", "hardware=fsdp", "hardware.accelerator=cpu", "hardware.devices=3",
+                   "hardware.fsdp.shard_size=2")
+    with pytest.raises(ValueError, match="shard_size=2 does not divide the 3"):  # before any process starts
+        build_trainer(cfg, tmp_path, ModelConfig(), [])
+
+
+def _hsdp_groups(rank: int) -> tuple[list, list, tuple]:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
     from moxin.parallel import FSDPConfig, fsdp_mesh
 
-    class Mesh:  # the data-parallel mesh of 12 ranks (only its size is read before the check)
-        device_type = "cpu"
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=8)
+    try:  # the mesh Lightning's ModelParallelStrategy gives 8 ranks: (data_parallel, tensor_parallel of 1)
+        lightning = init_device_mesh("cpu", (8, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        mesh = fsdp_mesh(lightning["data_parallel"], FSDPConfig(shard_size=4))
+        layer = torch.nn.Linear(8, 8)
+        fully_shard(layer, mesh=mesh)
+        return mesh["shard"].mesh.tolist(), mesh["replicate"].mesh.tolist(), tuple(layer.weight.placements)
+    finally:
+        dist.destroy_process_group()
 
-        def size(self):
-            return 12
 
-    mesh = Mesh()
-    assert fsdp_mesh(mesh, FSDPConfig()) is mesh and fsdp_mesh(mesh, FSDPConfig(shard_size=12)) is mesh
-    with pytest.raises(ValueError, match="shard_size=8 does not divide the 12 data-parallel ranks"):
-        fsdp_mesh(mesh, FSDPConfig(shard_size=8))
+def test_hsdp_shards_within_groups_of_consecutive_ranks():
+    """Lightning numbers ranks node by node, so a group of consecutive ranks is one node's GPUs: the
+    all-gathers stay inside the node and the replicas (one per node) all-reduce gradients."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    shard, replicate, placements = _hsdp_groups(rank=5)
+    assert shard == [4, 5, 6, 7] and replicate == [1, 5]
+    assert placements == (Replicate(), Shard(0))
 
 
 def test_world_size_counts_devices_times_nodes():
@@ -217,9 +246,11 @@ def test_selective_activation_checkpointing_recomputes_every_nth_block():
     assert sorted(runs) == [0, 0, 1, 2, 2, 3, 4, 4]  # blocks 0, 2 and 4 again in the backward pass
     for name in grads:
         torch.testing.assert_close(grads2[name], grads[name], rtol=1e-5, atol=1e-7)
-    assert ParallelConfig(activation_checkpointing=3).activation_checkpointing == 3
-    with pytest.raises(ValueError, match="activation_checkpointing=-1"):
-        ParallelConfig(activation_checkpointing=-1)
+    for given, every in ((3, 3), ("3", 3), (True, 1), (False, 0), (None, 0), ("0", 0)):
+        assert ParallelConfig(activation_checkpointing=given).activation_checkpointing == every, given
+    for bad in (-1, 1.5, "abc", "1.5"):
+        with pytest.raises(ValueError, match=f"activation_checkpointing={bad!r}: give true, false, or N"):
+            ParallelConfig(activation_checkpointing=bad)
 
 
 def test_compile_covers_training_forwards_and_leaves_generation_eager():
@@ -574,7 +605,7 @@ def test_checkpointing_and_compile_switches_train_like_the_plain_model(make_cfg,
     for name in ("checkpoint_activations", "compile_blocks"):
         original = getattr(moxin.parallel, name)
         monkeypatch.setattr(moxin.parallel, name, lambda model, *args, _f=original, _n=name, **kw: (
-            applied.append(_n), _f(model, *args, **kw))[1])
+            applied.append((_n, kw.get("every"))), _f(model, *args, **kw))[1])
 
     steps = ("+experiment=tiny_debug", "phase.max_steps=4", "phase.val_every_steps=2", "phase.log_every_steps=1",
              "eval.every_n_steps=0")
@@ -582,7 +613,8 @@ def test_checkpointing_and_compile_switches_train_like_the_plain_model(make_cfg,
     assert applied == []
     switched = run(make_cfg(*steps, "hardware.activation_checkpointing=2", "hardware.compile=true",  # blocks 0, 2
                             "hardware.compile_backend=aot_eager", run_name="switched"))
-    assert applied == ["checkpoint_activations", "compile_blocks"]  # once, though fit and validate both ran
+    # Once, though fit and validate both ran; checkpointing every 2nd block.
+    assert applied == [("checkpoint_activations", 2), ("compile_blocks", None)]
     assert switched["val/loss"] == pytest.approx(plain["val/loss"], rel=1e-5)
     assert switched["train/loss"] == pytest.approx(plain["train/loss"], rel=1e-5)
     expected = load_model(str(tmp_path / "plain")).state_dict()
@@ -645,7 +677,8 @@ def test_gpu_check_programs_run_with_pytorch_alone(program, tmp_path):
     """experiments/gpu/run_checks.sh runs these on a GPU image with nothing but PyTorch; without a GPU
     they check themselves on the CPU (fp32), and say so."""
     (tmp_path / "sitecustomize.py").write_text(TORCH_ONLY)
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}", "OMP_NUM_THREADS": "1"}
+    # No GPU for them even where one is (CUDA hidden): the CPU mode is what this test checks.
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     args = ["--steps", "2", "--warmup", "1", "--seq", "64"] if program.endswith("mfu.py") else []
     done = subprocess.run([sys.executable, program, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)

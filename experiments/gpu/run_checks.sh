@@ -5,7 +5,7 @@
 #      from the gathered weights (GRPO's rollouts), against a plain bf16-autocast model;
 #   2. experiments/benchmarks/mfu.py: tokens/s and MFU of moxin_7b-shaped blocks, eager and compiled
 #      (target: >= 45% MFU);
-#   3. tests/test_parallel.py -k gpu (Colossal-AI ZeRO-2 and Gemini, bf16 FSDP through run.py), only
+#   3. tests/test_parallel.py -k gpu_strategies (Colossal-AI ZeRO-2 and Gemini, bf16 FSDP through run.py), only
 #      where the project's dependencies are installed (`make install install-colossalai`).
 # Logs and the JSON lines go to $OUT (default outputs/gpu_checks). Exits non-zero if a check failed.
 set -uo pipefail
@@ -24,9 +24,9 @@ timeout 420 "$python" experiments/benchmarks/mfu.py 2>&1 | tee "$out/mfu.log" ||
 grep '^{' "$out/fsdp_check.log" "$out/mfu.log" --no-filename > "$out/results.jsonl"
 
 if "$python" -c "import hydra, lightning, datasets, mistral_common, lm_eval, colossalai" 2>/dev/null; then
-    timeout 600 "$python" -m pytest -q -rs tests/test_parallel.py -k gpu 2>&1 | tee "$out/pytest_gpu.log" || status=1
+    timeout 600 "$python" -m pytest -q -rs tests/test_parallel.py -k gpu_strategies 2>&1 | tee "$out/pytest_gpu.log" || status=1
 else
-    echo "tests/test_parallel.py -k gpu not run: the project's dependencies (make install install-colossalai) are missing" \
+    echo "tests/test_parallel.py -k gpu_strategies not run: the project's dependencies (make install install-colossalai) are missing" \
         | tee "$out/pytest_gpu.log"
 fi
 exit $status
