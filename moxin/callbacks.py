@@ -6,6 +6,8 @@ import time
 
 import lightning as L
 
+from moxin.data.datamodule import data_parallel_rank
+
 
 class ThroughputMonitor(L.Callback):
     """Logs perf/tokens_per_s and perf/mfu over the last `window` training batches.
@@ -34,7 +36,7 @@ class ThroughputMonitor(L.Callback):
         if "input_ids" not in batch:
             return  # a batch of problems (GRPO): the module logs its own rollout and update times
         now = time.perf_counter()
-        tokens = batch["input_ids"].numel() * trainer.world_size
+        tokens = batch["input_ids"].numel() * data_parallel_rank(trainer)[1]  # tensor-parallel ranks share a batch
         if self._last is not None:
             self.history = (self.history + [(now - self._last, tokens)])[-self.window:]
         self._last = now

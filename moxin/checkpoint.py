@@ -8,6 +8,7 @@ import torch
 
 from moxin.hf import load_state_dict_checked
 from moxin.model import ModelConfig, Transformer
+from moxin.parallel import fuse_split, split_fused
 
 SHARDED_META = "meta.pt"  # Lightning's part of a folder checkpoint (FSDP's distributed one, Colossal-AI's)
 
@@ -48,7 +49,7 @@ def load_model(path: str, device: str | torch.device = "cpu") -> Transformer:
     else:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         cfg, state = _model_config(checkpoint, path), checkpoint["state_dict"]
-    state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    state = fuse_split({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     with torch.device("meta"):
         model = Transformer(cfg)
     load_state_dict_checked(model, state, source=path)
@@ -68,13 +69,16 @@ def _dcp_model_state(path: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
     from moxin.safe_dcp import SafeMetadataReader
 
+    reader = SafeMetadataReader(path)
+    stored = reader.read_metadata().state_dict_metadata  # a refused .metadata raises here, plainly
     with torch.device("meta"):
         empty = Transformer(cfg).to_empty(device="cpu")  # storage to read into, not initialised
-    state = {"state_dict": {f"model.{k}": v for k, v in empty.state_dict().items()}}
+    template = {f"model.{k}": v for k, v in empty.state_dict().items()}
+    if any(key.endswith(".wqkv.q.weight") for key in stored):  # a tensor-parallel run's parts
+        template = split_fused(template, cfg)
+    state = {"state_dict": template}
     # no_dist: this process alone reads it, even inside a distributed run (a later recipe stage's init_from).
     # Fills the tensors in place from every rank's shard file (tensors are read with weights_only=True).
-    reader = SafeMetadataReader(path)
-    reader.read_metadata()  # a refused .metadata raises here, plainly (inside dcp.load it comes back wrapped)
     dcp.load(state, storage_reader=reader, no_dist=True)
     return state["state_dict"]
 

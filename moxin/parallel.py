@@ -33,6 +33,9 @@ class FSDPConfig:
     # HSDP: shard within groups of this many consecutive ranks (a node's GPUs) and replicate across the
     # groups, so the per-block all-gathers stay inside a node. None: shard over all ranks.
     shard_size: int | None = None
+    # Tensor parallelism (Megatron-style, PyTorch's DTensor plans): each block's heads and MLP columns are
+    # split over groups of this many consecutive ranks; FSDP shards over the remaining data-parallel ranks.
+    tensor_parallel: int = 1
 
     def replicas(self, ranks: int) -> int:
         """How many copies of the sharded model `ranks` data-parallel ranks hold (1: plain FSDP)."""
@@ -76,6 +79,15 @@ class ParallelConfig:
         size = self.fsdp.shard_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise ValueError(f"hardware.fsdp.shard_size={size!r} must be a whole number >= 1 (or null: all ranks)")
+        tp = self.fsdp.tensor_parallel
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"hardware.fsdp.tensor_parallel={tp!r} must be a whole number >= 1")
+        if tp > 1 and self.strategy != "fsdp":
+            raise ValueError(f"hardware.fsdp.tensor_parallel={tp} needs hardware.strategy=fsdp (got {self.strategy})")
+
+    @property
+    def tensor_parallel(self) -> int:
+        return self.fsdp.tensor_parallel if self.strategy == "fsdp" else 1
 
 
 def every_nth_block(value) -> int:
@@ -187,14 +199,16 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
-def parallelize(model: Transformer, parallel: ParallelConfig, mesh=None) -> None:
-    """Apply the switches in torchtitan's order: activation checkpointing, compile, then FSDP.
-    Idempotent: Lightning calls configure_model at every fit and validate (before the optimizer is
-    built), so an already sharded model is only resharded."""
+def parallelize(model: Transformer, parallel: ParallelConfig, mesh=None, tp_mesh=None) -> None:
+    """Apply the switches in torchtitan's order: tensor parallelism (tp_mesh), activation checkpointing,
+    compile, then FSDP. Idempotent: Lightning calls configure_model at every fit and validate (before
+    the optimizer is built), so an already sharded model is only resharded."""
     if getattr(model, "_moxin_parallelized", False):
         if parallel.strategy == "fsdp":
             reshard(model)
         return
+    if tp_mesh is not None and tp_mesh.size() > 1:
+        apply_tensor_parallel(model, tp_mesh)
     if parallel.activation_checkpointing:
         checkpoint_activations(model, every=parallel.activation_checkpointing)
     if parallel.compile:
@@ -218,9 +232,119 @@ def materialize(model: nn.Module, state: dict | None, device, broadcast: bool) -
 
     model.to_empty(device=device)
     if broadcast:
+        state = split_fused(state, model.config) if state and has_split_projections(model) else state
         # A copy: set_model_state_dict puts the model's shards into the dict it is given.
         set_model_state_dict(model, dict(state or {}),
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+# --- tensor parallelism ---
+
+# The fused projections and their parts, in the order the fused weight stacks them.
+FUSED_PARTS = {"attention.wqkv": ("q", "k", "v"), "feed_forward.w13": ("gate", "up")}
+
+
+def part_sizes(cfg, fused: str) -> list[int]:
+    if fused == "attention.wqkv":
+        return [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
+    return [cfg.hidden_dim, cfg.hidden_dim]
+
+
+class SplitProjection(nn.Module):
+    """A fused projection (query/key/value, or gate/up) as one Linear per part, for tensor parallelism:
+    each part is split over the ranks by output rows on its own, so every rank holds whole heads of
+    each; the output concatenates the parts' outputs, as the fused product stacks them."""
+
+    def __init__(self, fused: nn.Linear, names: tuple[str, ...], sizes: list[int]):
+        super().__init__()
+        self.names = names
+        for name, rows in zip(names, fused.weight.detach().split(sizes), strict=True):
+            part = nn.Linear(fused.in_features, rows.shape[0], bias=False, device=rows.device, dtype=rows.dtype)
+            if rows.device.type != "meta":
+                part.weight.data.copy_(rows)
+            setattr(self, name, part)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([getattr(self, name)(x) for name in self.names], dim=-1)
+
+
+def has_split_projections(model: nn.Module) -> bool:
+    return any(isinstance(module, SplitProjection) for module in model.modules())
+
+
+def split_fused(state: dict, cfg) -> dict:
+    """A state dict with fused projections (`...attention.wqkv.weight`) as its parts' weights
+    (`...attention.wqkv.q.weight`, ...): what a tensor-parallel model holds."""
+    out = {}
+    for key, value in state.items():
+        fused = next((f for f in FUSED_PARTS if key.endswith(f"{f}.weight")), None)
+        if fused is None:
+            out[key] = value
+            continue
+        prefix = key.removesuffix("weight")
+        for name, rows in zip(FUSED_PARTS[fused], value.split(part_sizes(cfg, fused)), strict=True):
+            out[f"{prefix}{name}.weight"] = rows
+    return out
+
+
+def fuse_split(state: dict) -> dict:
+    """The inverse of split_fused: the parts' weights stacked back into the fused projections (a state
+    dict without parts is returned as it is)."""
+    out = dict(state)
+    for fused, names in FUSED_PARTS.items():
+        for key in [k for k in state if k.endswith(f"{fused}.{names[0]}.weight")]:
+            prefix = key.removesuffix(f"{names[0]}.weight")
+            out[f"{prefix}weight"] = torch.cat([out.pop(f"{prefix}{name}.weight") for name in names])
+    return out
+
+
+def apply_tensor_parallel(model: Transformer, mesh) -> None:
+    """Megatron-style tensor parallelism over `mesh` (tp ranks): in each block the query/key/value and
+    gate/up parts are split by output rows (ColwiseParallel: every rank computes its heads and its MLP
+    columns), the output projections by input columns (RowwiseParallel: one all-reduce each). The
+    embedding, norms and LM head stay whole on every rank. The model's attention reads its (now local)
+    head counts from these attributes; the parameter names gain the parts (`wqkv.q`), which
+    split_fused / fuse_split translate at the checkpoint's edges."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    tp, cfg = mesh.size(), model.config
+    for name in ("n_heads", "n_kv_heads", "hidden_dim"):
+        if getattr(cfg, name) % tp:
+            raise ValueError(f"hardware.fsdp.tensor_parallel={tp} does not divide model.{name}={getattr(cfg, name)}")
+    plan = {f"{fused}.{name}": ColwiseParallel() for fused, names in FUSED_PARTS.items() for name in names}
+    plan.update({"attention.wo": RowwiseParallel(), "feed_forward.w2": RowwiseParallel()})
+    for block in model.layers:
+        attention, ffn = block.attention, block.feed_forward
+        attention.wqkv = SplitProjection(attention.wqkv, FUSED_PARTS["attention.wqkv"],
+                                         part_sizes(cfg, "attention.wqkv"))
+        ffn.w13 = SplitProjection(ffn.w13, FUSED_PARTS["feed_forward.w13"], part_sizes(cfg, "feed_forward.w13"))
+        attention.n_heads, attention.n_kv_heads = cfg.n_heads // tp, cfg.n_kv_heads // tp
+        attention.qkv_sizes = [size // tp for size in attention.qkv_sizes]
+        parallelize_module(block, mesh, plan)
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Scale the gradients so that their global L2 norm is at most max_norm; the norm before. Unlike
+    torch.nn.utils.clip_grad_norm_, it takes gradients sharded over different device meshes (tensor
+    parallelism's blocks and FSDP-only embedding, norms and head): each mesh's norms are reduced on it."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    groups: dict = {}
+    for grad in grads:
+        key = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
+        groups.setdefault(key, []).append(torch.linalg.vector_norm(grad))
+    norms = []
+    for key, group in groups.items():
+        stacked = torch.stack(group)
+        norms.append(stacked.full_tensor() if key is not None else stacked)
+    total = torch.linalg.vector_norm(torch.cat(norms)) if norms else torch.zeros(())
+    scale = min(1.0, max_norm / (float(total) + 1e-6))
+    if scale < 1.0:
+        for grad in grads:
+            grad.mul_(scale)
+    return total
 
 
 # --- the Lightning strategy ---
@@ -256,7 +380,10 @@ def build_strategy(parallel: ParallelConfig, processes: int, gradient_clip_val: 
     if parallel.strategy == "fsdp":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        return ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1,
+        tp = parallel.tensor_parallel
+        if processes % tp:
+            raise ValueError(f"hardware.fsdp.tensor_parallel={tp} does not divide the {processes} processes")
+        return ModelParallelStrategy(data_parallel_size=processes // tp, tensor_parallel_size=tp,
                                      save_distributed_checkpoint=parallel.fsdp.sharded_checkpoint), gradient_clip_val
     from moxin.colossalai_strategy import ColossalAIStrategy, clips_in_optimizer
 
@@ -292,6 +419,7 @@ def exportable_model(trainer, model: Transformer) -> Transformer | None:
         return model if trainer.is_global_zero else None
     if not trainer.is_global_zero:
         return None
+    state = fuse_split(state)  # tensor parallelism's parts back into the fused projections
     from moxin.hf import load_state_dict_checked
 
     with torch.device("meta"):

@@ -147,9 +147,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callba
     phase, hw = cfg.phase, cfg.hardware
     parallel = parallel or parallel_config(hw)
     processes = world_size(hw.accelerator, hw.devices, hw.num_nodes)
+    if processes % parallel.tensor_parallel:
+        raise ValueError(f"hardware.fsdp.tensor_parallel={parallel.tensor_parallel} does not divide the {processes} "
+                         "processes (devices x num_nodes)")
+    data_parallel = processes // parallel.tensor_parallel  # a tensor-parallel group shares its batches
     if parallel.strategy == "fsdp":
-        parallel.fsdp.replicas(processes)  # a shard size that does not divide the ranks fails here, not after start
-    accumulate = accumulation(cfg, processes)
+        parallel.fsdp.replicas(data_parallel)  # a shard size that does not divide the ranks fails here, not later
+    accumulate = accumulation(cfg, data_parallel)
     strategy, gradient_clip_val = build_strategy(parallel, processes, phase.gradient_clip_val, hw.precision)
     callbacks = [
         *callbacks,
@@ -231,6 +235,9 @@ def build_module(cfg: DictConfig, model_cfg: ModelConfig, data_cfg, parallel: Pa
     if data_format != module_class.data_format:
         raise ValueError(f"phase.module={name} trains on {module_class.data_format} data, but the data option gives "
                          f"{data_format} data; pick a matching data option (see conf/data/)")
+    if module_class.generates and parallel.tensor_parallel > 1:
+        raise ValueError(f"phase.module={name} samples rollouts, which tensor parallelism does not support yet "
+                         "(hardware.fsdp.tensor_parallel > 1); use hardware.fsdp.tensor_parallel=1")
     if module_class.generates and parallel.strategy == "colossalai":
         raise ValueError(f"phase.module={name} optimizes by hand, several steps per rollout batch, which the "
                          "Colossal-AI strategy cannot run (its backward passes would skip gradient "
@@ -249,6 +256,10 @@ def eval_callbacks(cfg: DictConfig, tokenizer, run_dir: Path, parallel: Parallel
     """The `eval` suite every eval.every_n_steps optimizer steps (none when 0)."""
     suite, every_n_steps = suite_from_config(cfg.eval)
     # FSDP gathers the whole model on every rank for it (gathered_weights); Gemini's chunks cannot.
+    if every_n_steps > 0 and parallel.tensor_parallel > 1:
+        raise ValueError("eval.every_n_steps runs the model on rank 0 alone, which tensor parallelism "
+                         "(hardware.fsdp.tensor_parallel > 1) cannot do; set eval.every_n_steps=0 and evaluate "
+                         "the saved checkpoints with task=evaluate")
     if every_n_steps > 0 and parallel.strategy == "colossalai" and parallel.colossalai.plugin == "gemini":
         raise ValueError(f"eval.every_n_steps runs the model on rank 0 alone, which hardware.colossalai.plugin="
                          f"{parallel.colossalai.plugin} cannot do (no rank holds the whole model); set "
@@ -283,7 +294,7 @@ def train(cfg: DictConfig) -> dict:
                             parallel=parallel)
     if not chat and data_cfg.num_samples is None:  # the mix is sized to the run: one epoch = max_steps
         data_cfg.num_samples = (cfg.phase.max_steps * trainer.accumulate_grad_batches
-                                * data_cfg.micro_batch_size * trainer.world_size)
+                                * data_cfg.micro_batch_size * trainer.world_size // parallel.tensor_parallel)
 
     needs_reference = hasattr(module, "set_reference")  # DPO: the starting weights, resumed or not
     # Under FSDP, rank 0 alone reads the starting weights (unless each rank needs them whole) and hands

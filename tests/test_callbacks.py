@@ -22,7 +22,8 @@ def test_throughput_monitor_measures_between_batch_ends(monkeypatch):
     monkeypatch.setattr(moxin.callbacks.time, "perf_counter", lambda: next(clock))
     logged = {}
     module = SimpleNamespace(log=lambda name, value, **kw: logged.__setitem__(name, value))
-    trainer = SimpleNamespace(world_size=2)
+    ranks = {"rank": 0, "num_replicas": 2}  # two data-parallel replicas
+    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(distributed_sampler_kwargs=ranks))
     monitor = ThroughputMonitor(flops_per_token=1e6, peak_tflops=1.0)
     batch = {"input_ids": torch.zeros(4, 100, dtype=torch.long)}
     monitor.on_train_start(trainer, module)  # 10.0

@@ -256,7 +256,8 @@ def test_sft_loss_is_normalised_by_the_global_batch_under_accumulation(tmp_path)
     module = SFTModule(cfg, OptimConfig(lr=1e-3, warmup_steps=0))
     module.log = module.log_lr = lambda *a, **k: None
     module.nonfinite = lambda loss: False
-    module._trainer = types.SimpleNamespace(world_size=2, accumulate_grad_batches=1)
+    module._trainer = types.SimpleNamespace(world_size=2, accumulate_grad_batches=1, strategy=types.SimpleNamespace(
+        distributed_sampler_kwargs={"rank": 0, "num_replicas": 2}))
     averaged = [torch.zeros_like(p) for p in module.model.parameters()]
     for rank_rows in (rows[:2], rows[2:]):
         rank_batch = {k: torch.stack([r[k] for r in rank_rows]) for k in ("input_ids", "labels", "segments",
@@ -294,8 +295,10 @@ def test_cached_reference_shares_gathered_across_ranks_give_every_pair():
     precision = types.SimpleNamespace(forward_context=contextlib.nullcontext)
 
     def trainer(rank, gather):
+        ranks = {"rank": rank, "num_replicas": 2 if gather else 1}
+        strategy = types.SimpleNamespace(all_gather=gather, distributed_sampler_kwargs=ranks)
         return types.SimpleNamespace(world_size=2 if gather else 1, global_rank=rank, precision_plugin=precision,
-                                     strategy=types.SimpleNamespace(all_gather=gather))
+                                     strategy=strategy)
 
     module._trainer = trainer(0, None)
     alone = module._compute_reference(dm.train_dataset, dm)

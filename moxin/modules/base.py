@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from moxin.model import ModelConfig, Transformer
-from moxin.parallel import ParallelConfig, fsdp_mesh, materialize, on_meta_device, parallelize
+from moxin.parallel import ParallelConfig, clip_grad_norm, fsdp_mesh, materialize, on_meta_device, parallelize
 
 
 @dataclass
@@ -119,7 +119,8 @@ class MoxinModule(L.LightningModule):
         if fsdp and self._fsdp_mesh is None:  # built once: Lightning calls this hook at every fit and validate
             self._fsdp_mesh = fsdp_mesh(self.device_mesh["data_parallel"], self.parallel.fsdp)
         mesh = self._fsdp_mesh
-        parallelize(self.model, self.parallel, mesh)
+        tp_mesh = self.device_mesh["tensor_parallel"] if fsdp else None
+        parallelize(self.model, self.parallel, mesh, tp_mesh)
         if fsdp and on_meta_device(self.model):
             if self.broadcast_initial_state and not self.trainer.strategy.broadcast(self.initial_state is not None):
                 raise RuntimeError("FSDP: the process group's rank 0 has no starting weights to broadcast: the "
@@ -130,7 +131,7 @@ class MoxinModule(L.LightningModule):
             self.initial_state = None
         reference = getattr(self, "reference", None)
         if isinstance(reference, torch.nn.Module) and fsdp:
-            parallelize(reference, ParallelConfig(strategy="fsdp", fsdp=self.parallel.fsdp), mesh)
+            parallelize(reference, ParallelConfig(strategy="fsdp", fsdp=self.parallel.fsdp), mesh, tp_mesh)
             if on_meta_device(reference):
                 materialize(reference, self.reference_state, self.trainer.strategy.root_device, broadcast=True)
                 self.reference_state = None
@@ -160,6 +161,15 @@ class MoxinModule(L.LightningModule):
             optimizer, lambda step: lr_multiplier(step, warmup, total, o.schedule, o.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if self.parallel.tensor_parallel > 1 and gradient_clip_val:  # gradients on two meshes (clip_grad_norm)
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError("under tensor parallelism gradients are clipped by norm only")
+            clip_grad_norm(self.parameters(), gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
 
     def log_lr(self) -> None:
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=True)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from moxin.data.datamodule import data_parallel_rank
 from moxin.losses import DPO_LOSSES, IGNORE_INDEX, dpo_loss, preference_metrics, sequence_logps_from_hidden
 from moxin.model import Transformer
 from moxin.modules.base import MoxinModule
@@ -108,7 +109,7 @@ class DPOModule(ReferencePolicy, MoxinModule):
         loss, metrics = self.preference_step(batch)
         if self.nonfinite(loss):
             return self.zero_loss()
-        self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
+        self.tokens_seen += batch["input_ids"].numel() * data_parallel_rank(self.trainer)[1]
         self.log("train/loss", loss, on_step=True, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True)
         self.log_lr()
@@ -160,7 +161,7 @@ class DPOModule(ReferencePolicy, MoxinModule):
     def _compute_reference(self, dataset, datamodule) -> torch.Tensor:
         """(pairs, 2) summed log-probs of chosen and rejected replies under the starting weights. Rank r
         computes pairs r, r + world, ...; all_gather puts every rank's share together."""
-        world, rank = self.trainer.world_size, self.trainer.global_rank
+        rank, world = data_parallel_rank(self.trainer)  # tensor-parallel ranks of a group share a share
         reference = Transformer(self.model_config).to(self.device)
         reference.load_state_dict(self._start_state)
         mine = list(range(rank, dataset.pairs(), world))
@@ -174,6 +175,7 @@ class DPOModule(ReferencePolicy, MoxinModule):
                 logps = self.sequence_logps(reference, batch).double()
             share[start:start + len(items)] = logps.view(2, -1).T
         del reference
-        gathered = self.trainer.strategy.all_gather(share) if world > 1 else share[None]  # (world, per_rank, 2)
-        # Pair i sits on rank i % world at row i // world.
+        gathered = self.trainer.strategy.all_gather(share) if world > 1 else share[None]  # (processes, per_rank, 2)
+        gathered = gathered[::gathered.shape[0] // world]  # one share per data-parallel rank (a TP group repeats it)
+        # Pair i sits on data-parallel rank i % world at row i // world.
         return gathered.transpose(0, 1).reshape(-1, 2)[:dataset.pairs()].cpu()

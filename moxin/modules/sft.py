@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from moxin.data.datamodule import data_parallel_rank
 from moxin.losses import IGNORE_INDEX, linear_cross_entropy
 from moxin.modules.base import MoxinModule
 
@@ -31,9 +32,11 @@ class SFTModule(MoxinModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         total, trained = self.loss_sum(batch)
-        world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
+        world = data_parallel_rank(self.trainer)[1]  # data-parallel ranks (tensor-parallel ones share a batch)
+        accumulate = self.trainer.accumulate_grad_batches
         # Lightning divides each micro-batch's loss by the accumulation count and DDP averages the
-        # gradients over ranks; multiplying both back leaves d(step's loss sum / step's trained tokens).
+        # gradients over the data-parallel ranks; multiplying both back leaves
+        # d(step's loss sum / step's trained tokens).
         loss = total * (world * accumulate) / batch["step_tokens"][0].clamp(min=1)
         if self.nonfinite(loss):
             return self.zero_loss()
