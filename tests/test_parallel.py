@@ -352,9 +352,10 @@ STRATEGIES = {
     "ddp": ("hardware=ddp", "hardware.precision=32-true"),
     "fsdp": ("hardware=fsdp", "hardware.fsdp.param_dtype=null"),
     "hsdp": ("hardware=fsdp", "hardware.fsdp.param_dtype=null", "hardware.fsdp.shard_size=1"),  # 2 replicas of 1
-    # Tensor parallelism over both ranks: one data-parallel replica, so it takes the whole batch of 8.
+    # Tensor parallelism over both ranks: one data-parallel replica, so it takes the whole batch of 8;
+    # with activation checkpointing, which wraps the tensor-parallel blocks.
     "tp": ("hardware=fsdp", "hardware.fsdp.param_dtype=null", "hardware.fsdp.tensor_parallel=2",
-           "context.micro_batch_size=8"),
+           "context.micro_batch_size=8", "hardware.activation_checkpointing=true"),
     "colossalai_ddp": ("hardware=colossalai_ddp",),
     "colossalai_hybrid": ("hardware=colossalai_hybrid", "hardware.colossalai.options.precision=fp32",
                           "hardware.colossalai.options.zero_stage=0"),
