@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.distributed.tensor import DTensor
 
 _enabled = False  # set by use_onednn_on_cpu (from hardware.onednn_linears)
 
@@ -38,6 +39,8 @@ def onednn_enabled() -> bool:
 def _suits_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not x.is_cpu or x.dtype != weight.dtype or torch.is_autocast_enabled("cpu"):
         return False  # under autocast, nn.Linear's own dtype rules apply
+    if isinstance(weight, DTensor) or isinstance(x, DTensor):
+        return False  # tensor parallelism's sharded weights: DTensor has no rule for oneDNN's op
     if x.dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # needs AVX-512 BF16-capable cores
     return x.dtype == torch.float32

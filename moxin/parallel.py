@@ -84,6 +84,9 @@ class ParallelConfig:
             raise ValueError(f"hardware.fsdp.tensor_parallel={tp!r} must be a whole number >= 1")
         if tp > 1 and self.strategy != "fsdp":
             raise ValueError(f"hardware.fsdp.tensor_parallel={tp} needs hardware.strategy=fsdp (got {self.strategy})")
+        if tp > 1 and size is not None:
+            raise ValueError(f"hardware.fsdp.shard_size={size} with tensor_parallel={tp}: HSDP and tensor parallelism "
+                             "do not combine yet; set one of them")
 
     @property
     def tensor_parallel(self) -> int:
@@ -305,13 +308,24 @@ def apply_tensor_parallel(model: Transformer, mesh) -> None:
     embedding, norms and LM head stay whole on every rank. The model's attention reads its (now local)
     head counts from these attributes; the parameter names gain the parts (`wqkv.q`), which
     split_fused / fuse_split translate at the checkpoint's edges."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     tp, cfg = mesh.size(), model.config
     for name in ("n_heads", "n_kv_heads", "hidden_dim"):
         if getattr(cfg, name) % tp:
             raise ValueError(f"hardware.fsdp.tensor_parallel={tp} does not divide model.{name}={getattr(cfg, name)}")
-    plan = {f"{fused}.{name}": ColwiseParallel() for fused, names in FUSED_PARTS.items() for name in names}
+    # The parts share one replicated input, made a DTensor once: its gradient is then all-reduced once
+    # in the backward pass, not once per part.
+    shared_input = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),),
+                                      use_local_output=False)
+    plan = {fused: shared_input for fused in FUSED_PARTS}
+    plan.update({f"{fused}.{name}": ColwiseParallel() for fused, names in FUSED_PARTS.items() for name in names})
     plan.update({"attention.wo": RowwiseParallel(), "feed_forward.w2": RowwiseParallel()})
     for block in model.layers:
         attention, ffn = block.attention, block.feed_forward
@@ -340,8 +354,8 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
         stacked = torch.stack(group)
         norms.append(stacked.full_tensor() if key is not None else stacked)
     total = torch.linalg.vector_norm(torch.cat(norms)) if norms else torch.zeros(())
-    scale = min(1.0, max_norm / (float(total) + 1e-6))
-    if scale < 1.0:
+    scale = max_norm / (float(total) + 1e-6)  # a non-finite norm makes every gradient non-finite, as torch's does
+    if not scale >= 1.0:
         for grad in grads:
             grad.mul_(scale)
     return total

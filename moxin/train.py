@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moxin.callbacks import ThroughputMonitor
 from moxin.chat import CHAT_TEMPLATE, chat_prompt
-from moxin.checkpoint import is_sharded_checkpoint
+from moxin.checkpoint import SHARDED_META, is_sharded_checkpoint
 from moxin.checkpoint_io import AtomicCheckpointIO
 from moxin.curate.task import prepare_data_task
 from moxin.data import DataConfig, PretrainDataModule
@@ -319,6 +319,9 @@ def train(cfg: DictConfig) -> dict:
         metrics.update({f"{name}_initial": float(value) for name, value in initial[0].items()})
     elif checkpoint is not None:
         print(f"Resuming from {checkpoint}")
+        if is_sharded_checkpoint(checkpoint):  # its shards load before any hook could compare the layouts
+            module.check_tensor_parallel(torch.load(os.path.join(checkpoint, SHARDED_META), map_location="cpu",
+                                                    weights_only=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
     final = dict(trainer.callback_metrics)
     if cfg.phase.limit_val_batches and trainer.global_step % cfg.phase.val_every_steps:

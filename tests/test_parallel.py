@@ -94,6 +94,17 @@ def test_tensor_parallel_settings_are_checked(make_cfg, tmp_path):
         ParallelConfig(strategy="ddp", fsdp={"tensor_parallel": 2})
     with pytest.raises(ValueError, match="tensor_parallel=0 must be a whole number"):
         ParallelConfig(strategy="fsdp", fsdp={"tensor_parallel": 0})
+    with pytest.raises(ValueError, match="HSDP and tensor parallelism do not combine yet"):
+        ParallelConfig(strategy="fsdp", fsdp={"tensor_parallel": 2, "shard_size": 4})
+    # A checkpoint's parameter names follow its tensor parallelism: another size is refused, naming both.
+    from moxin.modules.base import OptimConfig
+    from moxin.modules.pretrain import PretrainModule
+
+    module = PretrainModule(tiny_model().config, OptimConfig())
+    module.parallel = ParallelConfig(strategy="fsdp", fsdp={"tensor_parallel": 2})
+    module.check_tensor_parallel({"tensor_parallel": 2})
+    with pytest.raises(ValueError, match="trained with hardware.fsdp.tensor_parallel=1; resume it with the same"):
+        module.on_load_checkpoint({})  # a checkpoint from before tensor parallelism, or without it
 
     class Mesh:
         def size(self):
@@ -115,6 +126,23 @@ def test_tensor_parallel_settings_are_checked(make_cfg, tmp_path):
         build_module(cfg, instantiate(cfg.model), instantiate(cfg.data), parallel)
     with pytest.raises(ValueError, match="eval.every_n_steps runs the model on rank 0 alone, which tensor"):
         eval_callbacks(make_cfg("eval.every_n_steps=10"), None, tmp_path, parallel)
+
+
+def test_onednn_products_leave_tensor_parallel_weights_to_dtensor():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from moxin.kernels import _suits_onednn
+
+    x, weight = torch.randn(2, 8), torch.randn(4, 8)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        sharded = distribute_tensor(weight, init_device_mesh("cpu", (2,)), [Replicate()])
+        assert not _suits_onednn(x, sharded)  # oneDNN's op has no DTensor rule: nn.Linear's product runs
+    finally:
+        dist.destroy_process_group()
 
 
 def test_hsdp_shard_size_must_divide_the_ranks(make_cfg, tmp_path):
@@ -576,10 +604,10 @@ def train_metrics(run_dir: Path, key: str) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_grpo_under_fsdp_matches_ddp(eval_data_dir, tmp_path):
+def test_grpo_under_fsdp_matches_ddp_and_resumes(eval_data_dir, tmp_path):
     """GRPO's rollouts, rewards, validation, in-training evaluation and weights under fsdp (2 gloo
     processes) equal those under ddp, whose ranks sample the same rollouts from the same seeds; the KL
-    reference is sharded too. (Resuming a sharded reference: test_dpo_under_fsdp_resumes...)"""
+    reference is sharded too, and a resumed run goes on as the uninterrupted one did."""
     start = answering_bigram(tmp_path / "start")
     grpo = ("+experiment=grpo_deepscaler", "+scale=tiny", f"phase.init_from={start}", "phase.max_steps=4",
             "phase.val_every_steps=2", "phase.limit_val_batches=1", "phase.checkpoint_every_steps=2",
@@ -609,6 +637,14 @@ def test_grpo_under_fsdp_matches_ddp(eval_data_dir, tmp_path):
         moved = torch.linalg.vector_norm(tensor - started[key])
         assert moved > 0, key  # every tensor trained
         assert torch.linalg.vector_norm(trained[key] - tensor) < 1e-3 * moved, key  # and by the same update
+
+    # GRPO's own resume state (consumed rollout batches, the seeds by step) with the sharded reference.
+    resumed_dir = train_run(tmp_path / "resumed", *grpo, *STRATEGIES["fsdp"],
+                            f"resume={fsdp_dir / 'checkpoints' / 'step-2.ckpt'}", experiment="grpo_deepscaler")[1]
+    resumed_kl = train_metrics(resumed_dir, "train/kl")
+    assert sorted(resumed_kl) == [2, 3]
+    assert resumed_kl == pytest.approx({step: kl for step, kl in train_metrics(fsdp_dir, "train/kl").items()
+                                        if step >= 2}, rel=1e-4)
 
 
 def test_resuming_on_another_number_of_ranks_warns(capsys):

@@ -214,8 +214,18 @@ class MoxinModule(L.LightningModule):
         checkpoint["tokens_seen"] = self.tokens_seen
         checkpoint["skipped_steps"] = self.skipped_steps
         checkpoint["rng"] = rng_state()
+        checkpoint["tensor_parallel"] = self.parallel.tensor_parallel  # its parameters' names depend on it
+
+    def check_tensor_parallel(self, checkpoint: dict) -> None:
+        """A checkpoint's parameter names follow its run's tensor parallelism (moxin.parallel.SplitProjection)."""
+        saved = checkpoint.get("tensor_parallel", 1)
+        if saved != self.parallel.tensor_parallel:
+            raise ValueError(f"this checkpoint was trained with hardware.fsdp.tensor_parallel={saved}; resume it with "
+                             f"the same (this run has {self.parallel.tensor_parallel}), or load its weights with "
+                             "phase.init_from, which translates them")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_tensor_parallel(checkpoint)
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
         # Restored at the first training batch, not now: Lightning draws from the global generators
