@@ -5,8 +5,7 @@ from pathlib import Path
 try:
     from omegaconf import OmegaConf
 except ImportError:  # the model, its kernels and the GPU benchmarks need torch alone (a bare GPU image)
-    OmegaConf = None
-
-if OmegaConf is not None:
+    pass
+else:
     # ${moxin.repo:} in configs: the repository's folder (the tiny offline data lives under experiments/).
     OmegaConf.register_new_resolver("moxin.repo", lambda: str(Path(__file__).resolve().parent.parent), replace=True)

@@ -394,9 +394,7 @@ def build_strategy(parallel: ParallelConfig, processes: int, gradient_clip_val: 
     if parallel.strategy == "fsdp":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        tp = parallel.tensor_parallel
-        if processes % tp:
-            raise ValueError(f"hardware.fsdp.tensor_parallel={tp} does not divide the {processes} processes")
+        tp = parallel.tensor_parallel  # dividing the processes: checked by moxin.train.build_trainer
         return ModelParallelStrategy(data_parallel_size=processes // tp, tensor_parallel_size=tp,
                                      save_distributed_checkpoint=parallel.fsdp.sharded_checkpoint), gradient_clip_val
     from moxin.colossalai_strategy import ColossalAIStrategy, clips_in_optimizer

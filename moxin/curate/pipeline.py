@@ -199,10 +199,12 @@ def _read(data: DataConfig, tokenizer, reports: dict[str, SourceReport], progres
         texts = tqdm(iter_documents(source, stats), desc=f"read {source.name}", unit=" docs", disable=not progress)
         mine = [Document(source.name, i, normalize_document(text)) for i, text in enumerate(texts)]
         limit = too_long[source.name]
+        pending = []
         for doc in mine:
             if limit is not None and len(doc.text) > limit:
-                doc.tokens = np.zeros(0, dtype=dtype)
-        pending = [doc for doc in mine if doc.tokens is None]
+                doc.tokens = np.zeros(0, dtype=dtype)  # the filter drops it: not worth tokenising
+            else:
+                pending.append(doc)
         for start in tqdm(range(0, len(pending), 256), desc=f"tokenise {source.name}", disable=not progress):
             batch = pending[start:start + 256]
             for doc, ids in zip(batch, tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"],

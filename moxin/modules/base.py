@@ -13,6 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from moxin.data.datamodule import data_parallel_rank
 from moxin.model import ModelConfig, Transformer
 from moxin.parallel import ParallelConfig, clip_grad_norm, fsdp_mesh, materialize, on_meta_device, parallelize
 
@@ -161,6 +162,11 @@ class MoxinModule(L.LightningModule):
             optimizer, lambda step: lr_multiplier(step, warmup, total, o.schedule, o.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Replicas that each take their own batches (a tensor-parallel group shares one)."""
+        return data_parallel_rank(self.trainer)[1]
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if self.parallel.tensor_parallel > 1 and gradient_clip_val:  # gradients on two meshes (clip_grad_norm)

@@ -109,7 +109,7 @@ class DPOModule(ReferencePolicy, MoxinModule):
         loss, metrics = self.preference_step(batch)
         if self.nonfinite(loss):
             return self.zero_loss()
-        self.tokens_seen += batch["input_ids"].numel() * data_parallel_rank(self.trainer)[1]
+        self.tokens_seen += batch["input_ids"].numel() * self.data_parallel_size
         self.log("train/loss", loss, on_step=True, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True)
         self.log_lr()

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from moxin.data.datamodule import data_parallel_rank
 from moxin.generate import generate
 from moxin.losses import (
     AGGREGATIONS,
@@ -185,7 +184,7 @@ class GRPOModule(ReferencePolicy, MoxinModule):
                 for name, value in {"loss": loss.detach(), **stats}.items():
                     update_stats.setdefault(name, []).append(value.detach())
         self.consumed_batches += 1
-        self.tokens_seen += int((data["labels"] != IGNORE_INDEX).sum()) * data_parallel_rank(self.trainer)[1]
+        self.tokens_seen += int((data["labels"] != IGNORE_INDEX).sum()) * self.data_parallel_size
         metrics = {**rollout["stats"], "update_s": torch.tensor(time.perf_counter() - started),
                    **{k: torch.stack(v).mean() for k, v in update_stats.items()}}
         metrics.update({f"reward_{k}": torch.tensor(float(v)) for k, v in self.verifier.stats.take().items() if v})

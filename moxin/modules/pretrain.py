@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from moxin.data.datamodule import data_parallel_rank
 from moxin.losses import linear_cross_entropy
 from moxin.modules.base import MoxinModule
 
@@ -19,7 +18,7 @@ class PretrainModule(MoxinModule):
         loss = self.lm_loss(batch)
         if self.nonfinite(loss):
             return self.zero_loss()  # the optimizer step this micro-batch belongs to is dropped
-        self.tokens_seen += batch["input_ids"].numel() * data_parallel_rank(self.trainer)[1]
+        self.tokens_seen += batch["input_ids"].numel() * self.data_parallel_size
         # The global batch's loss: the mean over ranks (equal micro-batches of equal length).
         self.log("train/loss", loss, on_step=True, prog_bar=True, sync_dist=True)
         self.log("train/tokens", float(self.tokens_seen), on_step=True)

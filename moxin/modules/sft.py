@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from moxin.data.datamodule import data_parallel_rank
 from moxin.losses import IGNORE_INDEX, linear_cross_entropy
 from moxin.modules.base import MoxinModule
 
@@ -32,7 +31,7 @@ class SFTModule(MoxinModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         total, trained = self.loss_sum(batch)
-        world = data_parallel_rank(self.trainer)[1]  # data-parallel ranks (tensor-parallel ones share a batch)
+        world = self.data_parallel_size
         accumulate = self.trainer.accumulate_grad_batches
         # Lightning divides each micro-batch's loss by the accumulation count and DDP averages the
         # gradients over the data-parallel ranks; multiplying both back leaves
