@@ -37,13 +37,14 @@ class RollingKVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, pad: torch.Tensor,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, kv_heads: int | None = None):
         if max_len > cfg.max_seq_len:
             raise ValueError(f"prompt + new tokens = {max_len} positions exceeds max_seq_len {cfg.max_seq_len}")
         self.window = cfg.sliding_window or max_len
         self.slots = min(self.window, max_len)
         self.max_len = max_len
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, self.slots, cfg.head_dim)
+        # kv_heads: this rank's share under tensor parallelism (each rank caches its own heads' keys).
+        shape = (cfg.n_layers, batch, kv_heads or cfg.n_kv_heads, self.slots, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slot_time = torch.full((self.slots,), -1, dtype=torch.long, device=device)  # -1: empty
@@ -249,7 +250,8 @@ def _decode(model: Transformer, prompts: list[list[int]], max_new_tokens: int, t
     for row, prompt in enumerate(prompts):
         tokens[row, longest - len(prompt):] = torch.tensor(prompt)
     tokens = tokens.to(device)
-    cache = RollingKVCache(model.config, len(prompts), longest + max_new_tokens, pad, param.dtype, device)
+    cache = RollingKVCache(model.config, len(prompts), longest + max_new_tokens, pad, param.dtype, device,
+                           kv_heads=model.layers[0].attention.n_kv_heads)
 
     for start in range(0, longest, cache.slots):  # prefill in chunks of at most W tokens
         hidden = model.hidden_states(tokens[:, start:start + cache.slots], cache=cache)

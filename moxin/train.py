@@ -235,9 +235,6 @@ def build_module(cfg: DictConfig, model_cfg: ModelConfig, data_cfg, parallel: Pa
     if data_format != module_class.data_format:
         raise ValueError(f"phase.module={name} trains on {module_class.data_format} data, but the data option gives "
                          f"{data_format} data; pick a matching data option (see conf/data/)")
-    if module_class.generates and parallel.tensor_parallel > 1:
-        raise ValueError(f"phase.module={name} samples rollouts, which tensor parallelism does not support yet "
-                         "(hardware.fsdp.tensor_parallel > 1); use hardware.fsdp.tensor_parallel=1")
     if module_class.generates and parallel.strategy == "colossalai":
         raise ValueError(f"phase.module={name} optimizes by hand, several steps per rollout batch, which the "
                          "Colossal-AI strategy cannot run (its backward passes would skip gradient "
@@ -255,14 +252,13 @@ def build_module(cfg: DictConfig, model_cfg: ModelConfig, data_cfg, parallel: Pa
 def eval_callbacks(cfg: DictConfig, tokenizer, run_dir: Path, parallel: ParallelConfig) -> list:
     """The `eval` suite every eval.every_n_steps optimizer steps (none when 0)."""
     suite, every_n_steps = suite_from_config(cfg.eval)
-    # FSDP gathers the whole model on every rank for it (gathered_weights); Gemini's chunks and tensor
-    # parallelism's split blocks cannot run on one rank.
+    # FSDP gathers the whole model on every rank for it (gathered_weights; under tensor parallelism rank
+    # 0's group runs it together); Gemini's chunks cannot run on one rank.
     gemini = parallel.strategy == "colossalai" and parallel.colossalai.plugin == "gemini"
-    blocker = ("tensor parallelism (hardware.fsdp.tensor_parallel > 1)" if parallel.tensor_parallel > 1
-               else "hardware.colossalai.plugin=gemini (no rank holds the whole model)" if gemini else None)
-    if every_n_steps > 0 and blocker:
-        raise ValueError(f"eval.every_n_steps runs the model on rank 0 alone, which {blocker} cannot do; set "
-                         "eval.every_n_steps=0 and evaluate the saved checkpoints with task=evaluate")
+    if every_n_steps > 0 and gemini:
+        raise ValueError("eval.every_n_steps runs the model on rank 0 alone, which hardware.colossalai.plugin=gemini "
+                         "cannot do (no rank holds the whole model); set eval.every_n_steps=0 and evaluate the "
+                         "saved checkpoints with task=evaluate")
     return [EvalCallback(suite, every_n_steps, tokenizer, run_dir)] if every_n_steps > 0 else []
 
 

@@ -121,11 +121,9 @@ def test_tensor_parallel_settings_are_checked(make_cfg, tmp_path):
     trainer = build_trainer(cfg, tmp_path, ModelConfig(), [])
     assert trainer.accumulate_grad_batches == 16384 // (cfg.context.micro_batch_size * cfg.context.seq_len * 2)
     parallel = ParallelConfig(strategy="fsdp", fsdp={"tensor_parallel": 2})
-    cfg = make_cfg("+experiment=grpo_deepscaler", "+scale=tiny")
-    with pytest.raises(ValueError, match="tensor parallelism does not support yet"):
-        build_module(cfg, instantiate(cfg.model), instantiate(cfg.data), parallel)
-    with pytest.raises(ValueError, match="eval.every_n_steps runs the model on rank 0 alone, which tensor"):
-        eval_callbacks(make_cfg("eval.every_n_steps=10"), None, tmp_path, parallel)
+    cfg = make_cfg("+experiment=grpo_deepscaler", "+scale=tiny")  # rollouts decode in tensor-parallel groups
+    assert build_module(cfg, instantiate(cfg.model), instantiate(cfg.data), parallel).parallel is parallel
+    assert len(eval_callbacks(make_cfg("eval.every_n_steps=10"), None, tmp_path, parallel)) == 1
 
 
 def test_onednn_products_leave_tensor_parallel_weights_to_dtensor():
@@ -545,6 +543,23 @@ def _gathered_generation_worker(rank: int, init_file: str) -> None:
     plain(tokens).float().logsumexp(-1).mean().backward()
     for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
         assert torch.allclose(p.grad.full_tensor(), q.grad, atol=1e-6), name
+
+    # Tensor parallelism over both ranks: they decode together (each caching its own key/value heads),
+    # from one seed, so they draw the same tokens and stop together.
+    from moxin.parallel import apply_tensor_parallel
+
+    mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    for param_dtype in (None, "bf16"):
+        plain, model = tiny_model(), tiny_model()
+        apply_tensor_parallel(model, mesh["tensor_parallel"])
+        shard_model(model, mesh["data_parallel"], FSDPConfig(param_dtype=param_dtype, reduce_dtype=None))
+        with gathered_weights(model):
+            out = generate(model, prompts, 30, temperature=1.0, seed=7)
+        peers = [None, None]
+        dist.all_gather_object(peers, out.tokens)
+        assert peers[0] == peers[1] and len(out.tokens[1]) == 30, param_dtype
+        if param_dtype is None:  # fp32: the unsplit model's tokens (bf16 sums the heads' outputs in another order)
+            assert out.tokens == generate(plain, prompts, 30, temperature=1.0, seed=7).tokens
     dist.destroy_process_group()
 
 
@@ -645,6 +660,38 @@ def test_grpo_under_fsdp_matches_ddp_and_resumes(eval_data_dir, tmp_path):
     assert sorted(resumed_kl) == [2, 3]
     assert resumed_kl == pytest.approx({step: kl for step, kl in train_metrics(fsdp_dir, "train/kl").items()
                                         if step >= 2}, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_grpo_under_tensor_parallelism_matches_one_process(eval_data_dir, tmp_path):
+    """Under tensor parallelism (tp = 2, one data-parallel replica) the two ranks decode each rollout and
+    validation answer together, and run the in-training evaluation together: the same rollouts, KL,
+    validation, evaluation scores and weights as one process with the same batch."""
+    start = answering_bigram(tmp_path / "start")
+    grpo = ("+experiment=grpo_deepscaler", "+scale=tiny", f"phase.init_from={start}", "phase.max_steps=3",
+            "phase.val_every_steps=2", "phase.limit_val_batches=1", "phase.checkpoint_every_steps=2",
+            "context.micro_batch_size=2", "phase.grpo.group_size=4", "phase.grpo.reward=correct",
+            "phase.grpo.val_max_new_tokens=8", "eval.every_n_steps=2", f"eval.data_dir={eval_data_dir}",
+            "eval.limit=2", "eval.max_length=64", "eval.log_samples=true",
+            "eval.tasks=[{name: arc_easy, num_fewshot: 0, metric: acc, column: ARC-E}]")
+    one, one_dir = train_run(tmp_path / "one", *grpo, experiment="grpo_deepscaler")
+    tp, tp_dir = train_run(tmp_path / "tp", *grpo, *STRATEGIES["tp"][:3], *TWO_PROCESSES, experiment="grpo_deepscaler")
+    assert len(one) == 3 and sorted(tp) == sorted(one)
+    assert max(train_metrics(one_dir, "train/reward_std").values()) > 0  # the update had something to learn
+    assert train_metrics(tp_dir, "train/response_length") == train_metrics(one_dir, "train/response_length")
+    kl = train_metrics(one_dir, "train/kl")
+    assert kl[2] > 0  # step 1 updated the policy (step 0's rewards were all equal)
+    for key, tolerance in (("train/reward", 1e-6), ("val/accuracy", 1e-6), ("train/kl", 1e-3 * kl[2])):
+        assert train_metrics(tp_dir, key) == pytest.approx(train_metrics(one_dir, key), abs=tolerance), key
+    one_scores, tp_scores = (sample_scores(run / "eval" / "step-2" / "results_samples.json")
+                             for run in (one_dir, tp_dir))
+    assert len(one_scores) == 8 and tp_scores == pytest.approx(one_scores, rel=1e-5)
+    expected, trained = load_model(str(one_dir)).state_dict(), load_model(str(tp_dir)).state_dict()
+    started = load_model(str(start)).state_dict()
+    for key, tensor in expected.items():
+        moved = torch.linalg.vector_norm(tensor - started[key])
+        assert moved > 0, key
+        assert torch.linalg.vector_norm(trained[key] - tensor) < 1e-3 * moved, key
 
 
 def test_resuming_on_another_number_of_ranks_warns(capsys):

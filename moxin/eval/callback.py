@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 
+from moxin.data.datamodule import data_parallel_rank
 from moxin.eval.runner import print_table, run_suite, summary_metrics, wandb_table, write_results
 from moxin.eval.suites import EvalSuite
 from moxin.modules.base import rng_state, set_rng_state
@@ -22,7 +24,9 @@ class EvalCallback(L.Callback):
     Multi-GPU: the other ranks wait at a barrier, so a suite must finish within the process
     group's timeout (30 minutes by default); keep in-training suites small (eval.limit). Under FSDP
     every rank gathers the whole model for the evaluation (moxin.parallel.gathered_weights), so rank 0
-    runs it alone, in FSDP's compute dtype.
+    runs it alone, in FSDP's compute dtype. Under tensor parallelism rank 0's whole tensor-parallel
+    group (data-parallel rank 0) runs the same requests in step, each rank computing its heads; rank 0
+    alone writes and logs the results.
     """
 
     def __init__(self, suite: EvalSuite, every_n_steps: int, tokenizer, run_dir: str | Path):
@@ -40,18 +44,24 @@ class EvalCallback(L.Callback):
             return
         self._last_step = step
         with gathered_weights(pl_module.model):
-            if trainer.is_global_zero:
+            if data_parallel_rank(trainer)[0] == 0:  # rank 0 (and its tensor-parallel peers)
                 with preserved_rng_state():  # lm-eval reseeds every generator; training's streams go on
-                    self._evaluate(trainer, pl_module, step)
+                    if trainer.is_global_zero:
+                        self._evaluate(trainer, pl_module, step)
+                    else:  # a tensor-parallel peer: the same forward passes, its results unused
+                        with tempfile.TemporaryDirectory() as work_dir:
+                            run_suite(self._lm(pl_module), self.suite, work_dir, reports=False)
             trainer.strategy.barrier("moxin_eval")
 
-    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+    def _lm(self, pl_module: L.LightningModule):
         from moxin.eval.lm import MoxinLM
 
-        lm = MoxinLM(model=pl_module.model, tokenizer=self.tokenizer, batch_size=self.suite.batch_size,
-                     max_length=self.suite.max_length, max_gen_toks=self.suite.max_gen_toks)
+        return MoxinLM(model=pl_module.model, tokenizer=self.tokenizer, batch_size=self.suite.batch_size,
+                       max_length=self.suite.max_length, max_gen_toks=self.suite.max_gen_toks)
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         out_dir = self.run_dir / "eval" / f"step-{step}"
-        results = run_suite(lm, self.suite, out_dir)
+        results = run_suite(self._lm(pl_module), self.suite, out_dir)
         row = results["paper_row"]
         label = f"step {step}"
         write_results(results, self.suite, out_dir / "results.json", label)

@@ -14,8 +14,10 @@ from moxin.eval.suites import EvalSuite, datasets_of, local_dataset_path, task_m
 log = logging.getLogger(__name__)
 
 
-def run_suite(lm, suite: EvalSuite, work_dir: str | Path) -> dict[str, Any]:
-    """lm-eval's results for every task of the suite, plus `paper_row` (column -> percent)."""
+def run_suite(lm, suite: EvalSuite, work_dir: str | Path, reports: bool = True) -> dict[str, Any] | None:
+    """lm-eval's results for every task of the suite, plus `paper_row` (column -> percent). lm-eval
+    reports from the process of LOCAL_RANK 0 only: elsewhere the requests run, and with reports=False
+    (a tensor-parallel peer of the reporting rank) None is returned."""
     from lm_eval import simple_evaluate
 
     tm = task_manager(suite, work_dir)
@@ -27,6 +29,11 @@ def run_suite(lm, suite: EvalSuite, work_dir: str | Path) -> dict[str, Any]:
         random_seed=suite.seed, numpy_random_seed=suite.seed, torch_random_seed=suite.seed,
         fewshot_random_seed=suite.seed,
     )
+    if results is None:
+        if reports:
+            raise RuntimeError("lm-eval reported no results: it reports from the process of LOCAL_RANK 0 only, and "
+                               f"this one has LOCAL_RANK={os.environ.get('LOCAL_RANK')}; evaluate in one process")
+        return None
     results["paper_row"] = paper_row(results, suite)
     return results
 

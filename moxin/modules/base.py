@@ -88,7 +88,7 @@ class NonFiniteLossError(RuntimeError):
 class MoxinModule(L.LightningModule):
     data_format = "pretrain"  # the kind of data module this phase trains on (moxin.train picks it)
     phase_options: tuple[str, ...] = ()  # keys of the phase config given to __init__ (e.g. "dpo")
-    generates = False  # samples from the policy while training (GRPO): each rank runs the whole model alone
+    generates = False  # samples from the policy while training (GRPO): a rank (TP: its group) decodes alone
 
     def __init__(self, model_config: ModelConfig, optim: OptimConfig, nonfinite_loss: str = "stop"):
         super().__init__()

@@ -11,6 +11,8 @@ sampled at `temperature`.
 Optimization is manual (several optimizer steps per batch): `phase.max_steps` counts optimizer
 steps, and gradient clipping is `grpo.max_grad_norm` (the Trainer's own clipping stays off).
 Under FSDP every rank gathers the whole policy for its rollouts (moxin.parallel.gathered_weights).
+Under tensor parallelism a tensor-parallel group samples its rollouts together, in step: its ranks
+share the batch and the seed (by data-parallel rank), each computing its heads.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from moxin.data.datamodule import data_parallel_rank
 from moxin.generate import generate
 from moxin.losses import (
     AGGREGATIONS,
@@ -107,9 +110,10 @@ class GRPOModule(ReferencePolicy, MoxinModule):
     def rollout(self, prompts: list[list[int]], answers: list[str]) -> dict:
         """group_size samples per prompt, scored; padded tensors for the update."""
         g, eos = self.grpo.group_size, self.tokenizer.eos_token_id
-        seed = self.grpo.seed + 1_000_003 * self.global_step + self.global_rank
+        # By data-parallel rank: a tensor-parallel group's ranks draw the same tokens, so they decode in step.
+        seed = self.grpo.seed + 1_000_003 * self.global_step + data_parallel_rank(self.trainer)[0]
         started = time.perf_counter()
-        with gathered_weights(self.model):  # FSDP: each rank samples to its own lengths, no collectives
+        with gathered_weights(self.model):  # FSDP: each rank (TP: group) samples to its own lengths
             out = generate(self.model, [p for p in prompts for _ in range(g)], self.grpo.max_new_tokens,
                            temperature=self.grpo.temperature, top_p=self.grpo.top_p, stop=[eos], seed=seed)
         rollout_s = time.perf_counter() - started
@@ -175,9 +179,8 @@ class GRPOModule(ReferencePolicy, MoxinModule):
                     self.log("train/skipped_nonfinite", float(self.skipped_steps), on_step=True)
                     continue
                 self.manual_backward(loss)
-                if self.grpo.max_grad_norm:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.grpo.max_grad_norm,
-                                        gradient_clip_algorithm="norm")
+                if self.grpo.max_grad_norm:  # (tensor parallelism: one norm over both meshes)
+                    self.configure_gradient_clipping(optimizer, self.grpo.max_grad_norm, "norm")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
