@@ -84,9 +84,6 @@ class ParallelConfig:
             raise ValueError(f"hardware.fsdp.tensor_parallel={tp!r} must be a whole number >= 1")
         if tp > 1 and self.strategy != "fsdp":
             raise ValueError(f"hardware.fsdp.tensor_parallel={tp} needs hardware.strategy=fsdp (got {self.strategy})")
-        if tp > 1 and size is not None:
-            raise ValueError(f"hardware.fsdp.shard_size={size} with tensor_parallel={tp}: HSDP and tensor parallelism "
-                             "do not combine yet; set one of them")
 
     @property
     def tensor_parallel(self) -> int:
@@ -134,23 +131,29 @@ def compile_blocks(model: Transformer, backend: str = "inductor") -> None:
     wrap_training_forwards(model, lambda plain: torch.compile(plain, backend=backend))
 
 
-def fsdp_mesh(data_parallel_mesh, fsdp: FSDPConfig):
-    """The mesh FSDP shards over: all data-parallel ranks, or for HSDP (fsdp.shard_size) a 2-D mesh of
-    (replicas, shard_size) in which consecutive ranks form a shard group. Collective: every rank calls it."""
-    replicas = fsdp.replicas(data_parallel_mesh.size())
+def device_meshes(lightning_mesh, fsdp: FSDPConfig):
+    """(the mesh FSDP shards over, the tensor-parallel mesh) from Lightning's 2-D mesh (data_parallel,
+    tensor_parallel): FSDP takes all data-parallel ranks, or for HSDP (fsdp.shard_size) a 2-D mesh of
+    (replicas, shard_size) in which consecutive data-parallel ranks form a shard group. Collective:
+    every rank calls it."""
+    data_parallel, tensor_parallel = lightning_mesh["data_parallel"], lightning_mesh["tensor_parallel"]
+    replicas = fsdp.replicas(data_parallel.size())
     if replicas == 1:
-        return data_parallel_mesh
+        return data_parallel, tensor_parallel
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(data_parallel_mesh.device_type, (replicas, fsdp.shard_size),
-                            mesh_dim_names=("replicate", "shard"))
+    # One root for both: FSDP combines its placements with tensor parallelism's only on one mesh. Ranks
+    # are numbered as in Lightning's mesh (a tensor-parallel group is consecutive ranks).
+    root = init_device_mesh(lightning_mesh.device_type, (replicas, fsdp.shard_size, tensor_parallel.size()),
+                            mesh_dim_names=("replicate", "shard", "tensor_parallel"))
+    return root["replicate", "shard"], root["tensor_parallel"]
 
 
 def shard_model(model: Transformer, mesh, fsdp: FSDPConfig) -> None:
     """FSDP2: each block is one unit (gathered for its forward and backward, resharded after); the root
     unit holds the embedding, the final norm and the LM head. `hidden_states` is registered as a forward
     method, since the training losses call it and then the head's weight rather than `forward`. On a 2-D
-    mesh (fsdp_mesh with shard_size) FSDP2 shards over its second dimension and replicates over its first."""
+    mesh (device_meshes with shard_size) FSDP2 shards over its second dimension and replicates over its first."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     policy = MixedPrecisionPolicy(param_dtype=DTYPES.get(fsdp.param_dtype), reduce_dtype=DTYPES.get(fsdp.reduce_dtype))

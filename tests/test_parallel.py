@@ -94,8 +94,6 @@ def test_tensor_parallel_settings_are_checked(make_cfg, tmp_path):
         ParallelConfig(strategy="ddp", fsdp={"tensor_parallel": 2})
     with pytest.raises(ValueError, match="tensor_parallel=0 must be a whole number"):
         ParallelConfig(strategy="fsdp", fsdp={"tensor_parallel": 0})
-    with pytest.raises(ValueError, match="HSDP and tensor parallelism do not combine yet"):
-        ParallelConfig(strategy="fsdp", fsdp={"tensor_parallel": 2, "shard_size": 4})
     # A checkpoint's parameter names follow its tensor parallelism: another size is refused, naming both.
     from moxin.modules.base import OptimConfig
     from moxin.modules.pretrain import PretrainModule
@@ -157,33 +155,106 @@ def test_hsdp_shard_size_must_divide_the_ranks(make_cfg, tmp_path):
         build_trainer(cfg, tmp_path, ModelConfig(), [])
 
 
-def _hsdp_groups(rank: int) -> tuple[list, list, tuple]:
+def _hsdp_groups(rank: int, tensor_parallel: int) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from moxin.parallel import FSDPConfig, fsdp_mesh
+    from moxin.parallel import FSDPConfig, apply_tensor_parallel, device_meshes
 
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=8)
-    try:  # the mesh Lightning's ModelParallelStrategy gives 8 ranks: (data_parallel, tensor_parallel of 1)
-        lightning = init_device_mesh("cpu", (8, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
-        mesh = fsdp_mesh(lightning["data_parallel"], FSDPConfig(shard_size=4))
-        layer = torch.nn.Linear(8, 8)
-        fully_shard(layer, mesh=mesh)
-        return mesh["shard"].mesh.tolist(), mesh["replicate"].mesh.tolist(), tuple(layer.weight.placements)
+    try:  # the mesh Lightning's ModelParallelStrategy gives 8 ranks: (data_parallel, tensor_parallel)
+        lightning = init_device_mesh("cpu", (8 // tensor_parallel, tensor_parallel),
+                                     mesh_dim_names=("data_parallel", "tensor_parallel"))
+        mesh, tp_mesh = device_meshes(lightning, FSDPConfig(shard_size=4 // tensor_parallel))
+        model = tiny_model()
+        if tensor_parallel > 1:
+            apply_tensor_parallel(model, tp_mesh)
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        weight = model.layers[0].attention.wo.weight
+        return {"shard": mesh["shard"].mesh.tolist(), "replicate": mesh["replicate"].mesh.tolist(),
+                "tp": tp_mesh.mesh.tolist(), "data_parallel": lightning["data_parallel"].mesh.tolist(),
+                "placements": tuple(weight.placements), "mesh": weight.device_mesh.mesh_dim_names}
     finally:
         dist.destroy_process_group()
 
 
 def test_hsdp_shards_within_groups_of_consecutive_ranks():
     """Lightning numbers ranks node by node, so a group of consecutive ranks is one node's GPUs: the
-    all-gathers stay inside the node and the replicas (one per node) all-reduce gradients."""
+    all-gathers stay inside the node and the replicas (one per node) all-reduce gradients. With tensor
+    parallelism (2 here) a node of 4 ranks holds 2 data-parallel ranks of 2 tensor-parallel ranks each,
+    and FSDP's and tensor parallelism's meshes share one root, as FSDP needs to combine them."""
     from torch.distributed.tensor import Replicate, Shard
 
-    shard, replicate, placements = _hsdp_groups(rank=5)
-    assert shard == [4, 5, 6, 7] and replicate == [1, 5]
-    assert placements == (Replicate(), Shard(0))
+    hsdp = _hsdp_groups(rank=5, tensor_parallel=1)
+    assert hsdp["shard"] == [4, 5, 6, 7] and hsdp["replicate"] == [1, 5] and hsdp["tp"] == [5]
+    assert hsdp["placements"] == (Replicate(), Shard(0))
+    with_tp = _hsdp_groups(rank=5, tensor_parallel=2)
+    assert with_tp["shard"] == [5, 7] and with_tp["replicate"] == [1, 5] and with_tp["tp"] == [4, 5]
+    assert with_tp["data_parallel"] == [1, 3, 5, 7]  # Lightning's data-parallel group: the same ranks
+    assert with_tp["mesh"] == ("replicate", "shard", "tensor_parallel")
+    assert with_tp["placements"][0] == Replicate() and with_tp["placements"][2] == Shard(1)  # wo: by columns
+
+
+def _hsdp_with_tensor_parallel_worker(rank: int, init_file: str, save_dir: str) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moxin.parallel import (
+        FSDPConfig,
+        apply_tensor_parallel,
+        clip_grad_norm,
+        device_meshes,
+        shard_model,
+        split_fused,
+    )
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=4,
+                            timeout=timedelta(seconds=60))
+    lightning = init_device_mesh("cpu", (2, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    fsdp = FSDPConfig(param_dtype=None, reduce_dtype=None, shard_size=1)  # 2 replicas x 1 shard x 2 TP ranks
+
+    def parallel_model():
+        model = tiny_model()
+        mesh, tp_mesh = device_meshes(lightning, fsdp)
+        apply_tensor_parallel(model, tp_mesh)
+        shard_model(model, mesh, fsdp)
+        return model
+
+    plain, model = tiny_model(), parallel_model()
+    tokens = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(0))
+    rows = tokens[2 * (rank // 2): 2 * (rank // 2) + 2]  # data-parallel rank r takes rows 2r, 2r + 1
+    model(rows).logsumexp(-1).mean().backward()  # FSDP averages over the 2 replicas: the whole batch's mean
+    plain(tokens).logsumexp(-1).mean().backward()
+    expected = torch.nn.utils.clip_grad_norm_(plain.parameters(), 1e-3)
+    assert torch.allclose(clip_grad_norm(list(model.parameters()), 1e-3), expected, rtol=1e-5)
+    # A split part's gradient (wqkv.q, ...) is its rows of the fused projection's.
+    plain_grads = split_fused({name: p.grad for name, p in plain.named_parameters()}, plain.config)
+    assert plain_grads.keys() == dict(model.named_parameters()).keys()
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad.full_tensor(), plain_grads[name], atol=1e-7), name
+    # A checkpoint of the 3-D sharded weights loads back (distributed checkpoint, as Lightning saves it).
+    dcp.save(model.state_dict(), checkpoint_id=save_dir)
+    restored = parallel_model()
+    state = restored.state_dict()
+    dcp.load(state, checkpoint_id=save_dir)
+    for name, p in model.state_dict().items():
+        assert torch.equal(state[name].full_tensor(), p.full_tensor()), name
+    dist.destroy_process_group()
+
+
+def test_hsdp_combines_with_tensor_parallelism(tmp_path):
+    """4 gloo processes: 2 HSDP replicas of one tensor-parallel group of 2. The gradients (and clipping
+    across the meshes) equal one process's on the whole batch, and the 3-D sharded weights checkpoint."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_hsdp_with_tensor_parallel_worker, args=(str(tmp_path / "init"), str(tmp_path / "ckpt")), nprocs=4,
+             join=True)
 
 
 def test_world_size_counts_devices_times_nodes():

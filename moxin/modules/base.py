@@ -15,7 +15,7 @@ import torch
 
 from moxin.data.datamodule import data_parallel_rank
 from moxin.model import ModelConfig, Transformer
-from moxin.parallel import ParallelConfig, clip_grad_norm, fsdp_mesh, materialize, on_meta_device, parallelize
+from moxin.parallel import ParallelConfig, clip_grad_norm, device_meshes, materialize, on_meta_device, parallelize
 
 
 @dataclass
@@ -107,7 +107,7 @@ class MoxinModule(L.LightningModule):
         # whether to broadcast them once it is sharded (not when a checkpoint will fill it).
         self.initial_state: dict[str, torch.Tensor] | None = None
         self.broadcast_initial_state = False
-        self._fsdp_mesh = None  # the device mesh FSDP shards over (configure_model)
+        self._meshes = None  # the device meshes FSDP and tensor parallelism split over (configure_model)
 
     def start_weights_on_every_rank(self) -> bool:
         """Whether each rank needs the whole starting weights even under FSDP (DPO's cached reference)."""
@@ -117,10 +117,9 @@ class MoxinModule(L.LightningModule):
         """Lightning's hook for parallelism: checkpointing, compile and FSDP2 from the hardware option.
         A frozen reference policy (DPO, GRPO) is sharded like the policy but never compiled or checkpointed."""
         fsdp = self.parallel.strategy == "fsdp"
-        if fsdp and self._fsdp_mesh is None:  # built once: Lightning calls this hook at every fit and validate
-            self._fsdp_mesh = fsdp_mesh(self.device_mesh["data_parallel"], self.parallel.fsdp)
-        mesh = self._fsdp_mesh
-        tp_mesh = self.device_mesh["tensor_parallel"] if fsdp else None
+        if fsdp and self._meshes is None:  # built once: Lightning calls this hook at every fit and validate
+            self._meshes = device_meshes(self.device_mesh, self.parallel.fsdp)
+        mesh, tp_mesh = self._meshes or (None, None)
         parallelize(self.model, self.parallel, mesh, tp_mesh)
         if fsdp and on_meta_device(self.model):
             if self.broadcast_initial_state and not self.trainer.strategy.broadcast(self.initial_state is not None):
