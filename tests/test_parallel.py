@@ -238,6 +238,13 @@ def _hsdp_with_tensor_parallel_worker(rank: int, init_file: str, save_dir: str) 
     assert plain_grads.keys() == dict(model.named_parameters()).keys()
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad.full_tensor(), plain_grads[name], atol=1e-7), name
+    # The whole weights, as the final export gathers them.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        for name, tensor in split_fused(plain.state_dict(), plain.config).items():
+            assert torch.equal(whole[name], tensor), name
     # A checkpoint of the 3-D sharded weights loads back (distributed checkpoint, as Lightning saves it).
     dcp.save(model.state_dict(), checkpoint_id=save_dir)
     restored = parallel_model()
