@@ -395,11 +395,12 @@ def build_strategy(parallel: ParallelConfig, processes: int, gradient_clip_val: 
 
         return DDPStrategy(gradient_as_bucket_view=True), gradient_clip_val
     if parallel.strategy == "fsdp":
-        from lightning.pytorch.strategies import ModelParallelStrategy
+        from moxin.tp_checkpoint import TranslatingModelParallelStrategy
 
         tp = parallel.tensor_parallel  # dividing the processes: checked by moxin.train.build_trainer
-        return ModelParallelStrategy(data_parallel_size=processes // tp, tensor_parallel_size=tp,
-                                     save_distributed_checkpoint=parallel.fsdp.sharded_checkpoint), gradient_clip_val
+        return TranslatingModelParallelStrategy(data_parallel_size=processes // tp, tensor_parallel_size=tp,
+                                                save_distributed_checkpoint=parallel.fsdp.sharded_checkpoint), \
+            gradient_clip_val
     from moxin.colossalai_strategy import ColossalAIStrategy, clips_in_optimizer
 
     options = dict(parallel.colossalai.options)

@@ -314,9 +314,12 @@ def train(cfg: DictConfig) -> dict:
         metrics.update({f"{name}_initial": float(value) for name, value in initial[0].items()})
     elif checkpoint is not None:
         print(f"Resuming from {checkpoint}")
-        if is_sharded_checkpoint(checkpoint):  # its shards load before any hook could compare the layouts
-            module.check_tensor_parallel(torch.load(os.path.join(checkpoint, SHARDED_META), map_location="cpu",
-                                                    weights_only=True))
+        # Before the weights load (no hook of Lightning's comes earlier): mmap reads only what is asked.
+        sharded = is_sharded_checkpoint(checkpoint)
+        saved = torch.load(os.path.join(checkpoint, SHARDED_META) if sharded else checkpoint, map_location="cpu",
+                           weights_only=True, mmap=not sharded)
+        module.check_tensor_parallel(saved, sharded)
+        del saved
     trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
     final = dict(trainer.callback_metrics)
     if cfg.phase.limit_val_batches and trainer.global_step % cfg.phase.val_every_steps:

@@ -94,15 +94,19 @@ def test_tensor_parallel_settings_are_checked(make_cfg, tmp_path):
         ParallelConfig(strategy="ddp", fsdp={"tensor_parallel": 2})
     with pytest.raises(ValueError, match="tensor_parallel=0 must be a whole number"):
         ParallelConfig(strategy="fsdp", fsdp={"tensor_parallel": 0})
-    # A checkpoint's parameter names follow its tensor parallelism: another size is refused, naming both.
+    # A checkpoint's parameter names follow its tensor parallelism: a sharded folder is translated as it
+    # loads (test_sharded_checkpoints_resume_across_the_tensor_parallel_layouts); a single file of the other
+    # layout is refused, naming both sizes.
     from moxin.modules.base import OptimConfig
     from moxin.modules.pretrain import PretrainModule
 
     module = PretrainModule(tiny_model().config, OptimConfig())
     module.parallel = ParallelConfig(strategy="fsdp", fsdp={"tensor_parallel": 2})
-    module.check_tensor_parallel({"tensor_parallel": 2})
-    with pytest.raises(ValueError, match="trained with hardware.fsdp.tensor_parallel=1; resume it with the same"):
-        module.on_load_checkpoint({})  # a checkpoint from before tensor parallelism, or without it
+    module.check_tensor_parallel({"tensor_parallel": 4}, sharded=False)  # parts in both
+    module.check_tensor_parallel({}, sharded=True)
+    with pytest.raises(ValueError, match="single-file checkpoint was trained with hardware.fsdp.tensor_parallel=1; "
+                                         "this run has 2"):
+        module.check_tensor_parallel({}, sharded=False)  # a checkpoint from before tensor parallelism, or without it
 
     class Mesh:
         def size(self):
@@ -262,6 +266,94 @@ def test_hsdp_combines_with_tensor_parallelism(tmp_path):
 
     mp.spawn(_hsdp_with_tensor_parallel_worker, args=(str(tmp_path / "init"), str(tmp_path / "ckpt")), nprocs=4,
              join=True)
+
+
+def _translated_resume_worker(rank: int, init_file: str, folder: str) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moxin.parallel import FSDPConfig, apply_tensor_parallel, shard_model, split_fused
+    from moxin.tp_checkpoint import load_translated
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    fsdp = FSDPConfig(param_dtype=None, reduce_dtype=None)
+    tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def build(tensor_parallel: int):
+        """FSDP over 2 ranks (fused projections), or tensor parallelism over both (parts), with AdamW."""
+        model = tiny_model()
+        mesh = init_device_mesh("cpu", (2 // tensor_parallel, tensor_parallel),
+                                mesh_dim_names=("data_parallel", "tensor_parallel"))
+        if tensor_parallel > 1:
+            apply_tensor_parallel(model, mesh["tensor_parallel"])
+        shard_model(model, mesh["data_parallel"], fsdp)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, optimizer
+
+    def step(model, optimizer, tensor_parallel: int):
+        rows = tokens if tensor_parallel > 1 else tokens[rank:rank + 1]  # the same global batch
+        model(rows).logsumexp(-1).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def whole(model, optimizer) -> dict:
+        """Weights and AdamW states, gathered, named as the tensor-parallel layout names them."""
+        options = StateDictOptions(full_state_dict=True)
+        weights = split_fused(get_model_state_dict(model, options=options), model.config)
+        states = get_optimizer_state_dict(model, optimizer, options=options)["state"]
+        moments = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            split = split_fused({fqn: state[key] for fqn, state in states.items()}, model.config)
+            moments.update({f"{key}:{fqn}": tensor for fqn, tensor in split.items()})
+        return {"weights": weights, "moments": moments, "steps": {float(state["step"]) for state in states.values()},
+                "lr": optimizer.param_groups[0]["lr"]}
+
+    def save(model, optimizer, tensor_parallel: int, path: str) -> None:
+        dcp.save({"state_dict": get_model_state_dict(model), "optimizer_0": get_optimizer_state_dict(model, optimizer)},
+                 checkpoint_id=path)
+        if rank == 0:
+            torch.save({"tensor_parallel": tensor_parallel}, f"{path}/meta.pt")
+        dist.barrier()
+
+    for saved_tp, resumed_tp in ((1, 2), (2, 1)):
+        model, optimizer = build(saved_tp)
+        for _ in range(2):
+            step(model, optimizer, saved_tp)
+        path = f"{folder}/{saved_tp}_to_{resumed_tp}"
+        save(model, optimizer, saved_tp, path)
+        resumed, resumed_optimizer = build(resumed_tp)
+        assert load_translated(Path(path), resumed, [resumed_optimizer], resumed.config) == {
+            "tensor_parallel": saved_tp}
+        expected, loaded = whole(model, optimizer), whole(resumed, resumed_optimizer)
+        assert loaded["steps"] == expected["steps"] == {2.0} and loaded["lr"] == expected["lr"]
+        for kind in ("weights", "moments"):
+            assert loaded[kind].keys() == expected[kind].keys()
+            for key, tensor in expected[kind].items():
+                assert torch.equal(loaded[kind][key], tensor), (saved_tp, kind, key)
+        step(model, optimizer, saved_tp)  # and training goes on alike
+        step(resumed, resumed_optimizer, resumed_tp)
+        after, resumed_after = whole(model, optimizer)["weights"], whole(resumed, resumed_optimizer)["weights"]
+        for key, tensor in after.items():
+            assert torch.allclose(resumed_after[key], tensor, atol=1e-6), (saved_tp, key)
+    dist.destroy_process_group()
+
+
+def test_sharded_checkpoints_resume_across_the_tensor_parallel_layouts(tmp_path):
+    """A checkpoint saved with the fused projections whole (tensor_parallel=1) resumes under tensor
+    parallelism, which holds them as parts, and the reverse: each rank reads its rows of the weights
+    and AdamW moments from the other naming, and the next step is the same."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_translated_resume_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
 
 
 def test_world_size_counts_devices_times_nodes():

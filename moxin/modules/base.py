@@ -221,16 +221,20 @@ class MoxinModule(L.LightningModule):
         checkpoint["rng"] = rng_state()
         checkpoint["tensor_parallel"] = self.parallel.tensor_parallel  # its parameters' names depend on it
 
-    def check_tensor_parallel(self, checkpoint: dict) -> None:
-        """A checkpoint's parameter names follow its run's tensor parallelism (moxin.parallel.SplitProjection)."""
+    def check_tensor_parallel(self, checkpoint: dict, sharded: bool) -> None:
+        """A checkpoint's parameter names follow its run's tensor parallelism (the fused projections as
+        parts when > 1: moxin.parallel.SplitProjection). A sharded folder is translated as it loads
+        (moxin.tp_checkpoint); a single file must have this run's layout."""
+        from moxin.tp_checkpoint import splits_projections
+
         saved = checkpoint.get("tensor_parallel", 1)
-        if saved != self.parallel.tensor_parallel:
-            raise ValueError(f"this checkpoint was trained with hardware.fsdp.tensor_parallel={saved}; resume it with "
-                             f"the same (this run has {self.parallel.tensor_parallel}), or load its weights with "
-                             "phase.init_from, which translates them")
+        if not sharded and splits_projections(saved) != splits_projections(self.parallel.tensor_parallel):
+            raise ValueError(f"this single-file checkpoint was trained with hardware.fsdp.tensor_parallel={saved}; "
+                             f"this run has {self.parallel.tensor_parallel}. A file resumes only where both are 1 or "
+                             "both above 1 (a sharded folder, hardware.fsdp.sharded_checkpoint=true, resumes at any "
+                             "size); or load its weights with phase.init_from, which translates them")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.check_tensor_parallel(checkpoint)
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
         # Restored at the first training batch, not now: Lightning draws from the global generators

@@ -1,0 +1,152 @@
+"""Resuming a sharded checkpoint under another tensor-parallel layout.
+
+Under tensor parallelism the fused projections (`wqkv`, `w13`) are held as one Linear per part
+(`wqkv.q`, ...: moxin.parallel.SplitProjection), so a checkpoint saved with
+hardware.fsdp.tensor_parallel=1 stores `...wqkv.weight` where one saved with tensor_parallel > 1
+stores `...wqkv.q.weight`, `...wqkv.k.weight`, `...wqkv.v.weight`, and the same for the AdamW
+moments of each. A part is a block of rows of the fused matrix, so the translation is a row offset:
+`PartsLoadPlanner` tells the distributed checkpoint (DCP) to read each rank's own rows of a part from
+the fused tensor, or of a fused tensor from its parts. Nothing is gathered: each rank reads only its
+shard. Between two sizes above 1 the names agree and DCP reshards by itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_local_load_plan
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import _create_chunk_list, create_read_items_for_chunk_list
+
+from moxin.checkpoint import SHARDED_META
+from moxin.parallel import FUSED_PARTS, part_sizes
+
+
+def part_rows(cfg) -> dict[str, list[tuple[str, int, int]]]:
+    """For each fused projection, its parts as (name, first row in the fused matrix, rows)."""
+    out = {}
+    for fused, names in FUSED_PARTS.items():
+        sizes = part_sizes(cfg, fused)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        out[fused] = list(zip(names, starts, sizes, strict=True))
+    return out
+
+
+def _shifted(chunk: ChunkStorageMetadata, rows: int, first: int | None = None, count: int | None = None):
+    """The chunk moved by `rows` along dimension 0 (and cut to `count` rows from `first`, if given)."""
+    offsets, sizes = list(chunk.offsets), list(chunk.sizes)
+    if first is not None:
+        offsets[0], sizes[0] = first, count
+    offsets[0] += rows
+    return ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+
+
+class PartsLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load plan, plus reads that translate between fused projections and their parts
+    (see the module's docstring) for the keys the checkpoint stores under the other naming."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.parts = part_rows(cfg)
+
+    def create_local_plan(self) -> LoadPlan:
+        stored = self.metadata.state_dict_metadata
+        direct = {fqn: obj for fqn, obj in self.state_dict.items() if fqn in stored}
+        plan = create_default_local_load_plan(direct, self.metadata, strict=True)
+        translated = [item for fqn, obj in self.state_dict.items() if fqn not in stored
+                      for item in self._translated_reads(fqn, obj, stored)]
+        return LoadPlan(plan.items + translated)
+
+    def _translated_reads(self, fqn: str, obj, stored) -> list:
+        for fused, parts in self.parts.items():
+            for name, first, _ in parts:  # a part, stored fused
+                source = fqn.replace(f"{fused}.{name}.weight", f"{fused}.weight")
+                if source != fqn and source in stored:
+                    return self._part_from_fused(fqn, obj, source, stored[source], first)
+            sources = [(fqn.replace(f"{fused}.weight", f"{fused}.{name}.weight"), first, rows)
+                       for name, first, rows in parts]  # fused, stored as parts
+            if sources[0][0] != fqn and all(source in stored for source, _, _ in sources):
+                return self._fused_from_parts(fqn, obj, sources, stored)
+        raise RuntimeError(f"Missing key in checkpoint state_dict: {fqn} (stored under neither its fused nor its "
+                           "split name)")
+
+    @staticmethod
+    def _part_from_fused(fqn: str, obj, source: str, md, first: int) -> list:
+        chunks = _create_chunk_list(obj)
+        # AdamW's step count (0-d) is the fused tensor's own; the moments are rows of the fused ones.
+        wanted = [_shifted(c, first) for c in chunks] if len(md.size) else chunks
+        items = create_read_items_for_chunk_list(source, md, wanted)
+        return [dataclasses.replace(item, dest_index=MetadataIndex(fqn, chunks[item.dest_index.index].offsets,
+                                                                   item.dest_index.index)) for item in items]
+
+    @staticmethod
+    def _fused_from_parts(fqn: str, obj, sources, stored) -> list:
+        chunks = _create_chunk_list(obj)
+        if not len(stored[sources[0][0]].size):  # AdamW's step count: the same in every part
+            items = create_read_items_for_chunk_list(sources[0][0], stored[sources[0][0]], chunks)
+            return [dataclasses.replace(item, dest_index=MetadataIndex(fqn, chunks[item.dest_index.index].offsets,
+                                                                       item.dest_index.index)) for item in items]
+        out = []
+        for index, chunk in enumerate(chunks):
+            low, high = chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0]
+            for source, first, rows in sources:
+                start, end = max(low, first), min(high, first + rows)
+                if start >= end:
+                    continue  # this rank's rows hold none of this part
+                piece = _shifted(chunk, -first, first=start, count=end - start)  # in the part's rows
+                for item in create_read_items_for_chunk_list(source, stored[source], [piece]):
+                    offsets = torch.Size([item.dest_offsets[0] + start - low, *item.dest_offsets[1:]])
+                    out.append(dataclasses.replace(item, dest_index=MetadataIndex(fqn, chunk.offsets, index),
+                                                   dest_offsets=offsets))
+        return out
+
+
+def load_translated(path: Path, module: torch.nn.Module, optimizers: list, cfg, strict: bool = True) -> dict:
+    """Lightning's load of a sharded checkpoint folder (model, then each optimizer, then the rest from
+    meta.pt), through PartsLoadPlanner. The optimizer's parameter groups keep this run's names."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = {"state_dict": get_model_state_dict(module)}
+    dcp.load(state, checkpoint_id=path, planner=PartsLoadPlanner(cfg))
+    module.load_state_dict(state["state_dict"], strict=strict)
+    for index, optimizer in enumerate(optimizers):
+        key = f"optimizer_{index}"
+        current = get_optimizer_state_dict(module, optimizer)
+        names = [group["params"] for group in current["param_groups"]]
+        loaded = {key: current}
+        dcp.load(loaded, checkpoint_id=path, planner=PartsLoadPlanner(cfg))
+        for group, params in zip(loaded[key]["param_groups"], names, strict=True):
+            group["params"] = params  # the saved groups name the other layout's parameters
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=loaded[key],
+                                 options=StateDictOptions(cpu_offload=True))
+    return torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
+
+
+def splits_projections(tensor_parallel: int) -> bool:
+    """Whether a run of this tensor-parallel size holds (and saves) the fused projections as parts."""
+    return tensor_parallel > 1
+
+
+class TranslatingModelParallelStrategy(ModelParallelStrategy):
+    """Lightning's FSDP2 / tensor-parallel strategy, which also resumes a sharded checkpoint saved with
+    the fused projections split where this run holds them fused, or the reverse (load_translated)."""
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        path = Path(self.broadcast(checkpoint_path))
+        module = self.lightning_module
+        if path.is_dir() and (path / SHARDED_META).is_file():
+            saved = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True).get("tensor_parallel", 1)
+            if splits_projections(saved) != splits_projections(module.parallel.tensor_parallel):
+                return load_translated(path, self.model, self.optimizers, module.model_config,
+                                       strict=module.strict_loading)
+        return super().load_checkpoint(path, weights_only)
