@@ -30,8 +30,9 @@ class FSDPConfig:
     reduce_dtype: str | None = "fp32"  # gradients are reduce-scattered in this dtype
     reshard_after_forward: bool = True  # ZeRO-3: free gathered weights after each block's forward
     sharded_checkpoint: bool = True  # each rank saves its shard (a folder); False: one file gathered on rank 0
-    # HSDP: shard within groups of this many consecutive ranks (a node's GPUs) and replicate across the
-    # groups, so the per-block all-gathers stay inside a node. None: shard over all ranks.
+    # HSDP: shard within groups of this many consecutive data-parallel ranks (a node's GPUs, or with tensor
+    # parallelism a node's GPUs / tensor_parallel) and replicate across the groups, so the per-block
+    # all-gathers stay inside a node. None: shard over all data-parallel ranks.
     shard_size: int | None = None
     # Tensor parallelism (Megatron-style, PyTorch's DTensor plans): each block's heads and MLP columns are
     # split over groups of this many consecutive ranks; FSDP shards over the remaining data-parallel ranks.
@@ -43,7 +44,8 @@ class FSDPConfig:
             return 1
         if ranks % self.shard_size:
             raise ValueError(f"hardware.fsdp.shard_size={self.shard_size} does not divide the {ranks} data-parallel "
-                             "ranks (devices x num_nodes); give a divisor, such as the GPUs per node")
+                             "ranks (devices x num_nodes / tensor_parallel); give a divisor, such as the GPUs per "
+                             "node (divided by tensor_parallel)")
         return ranks // self.shard_size
 
 
@@ -192,6 +194,20 @@ def gathered_weights(model: nn.Module):
         for unit in units:
             unit.set_reshard_after_forward(getattr(unit, "_moxin_reshard_after_forward", True), recurse=False)
             unit.reshard()
+
+
+def from_group_leader(compute, mesh):
+    """What `compute()` returns on the first rank of `mesh`, on every rank of it: computed there alone
+    and broadcast. For what a tensor-parallel group must agree on but works out on the CPU, where a time
+    limit may decide (GRPO's rewards): peers that disagreed would update the parameters they share
+    differently, and then decode different tokens. A mesh of one rank (or None) computes here."""
+    if mesh is None or mesh.size() == 1:
+        return compute()
+    import torch.distributed as dist
+
+    result = [compute() if mesh.get_local_rank() == 0 else None]
+    dist.broadcast_object_list(result, group=mesh.get_group(), group_src=0)
+    return result[0]
 
 
 def reshard(model: nn.Module) -> None:

@@ -172,3 +172,33 @@ def test_an_update_raises_rewarded_responses_and_lowers_the_others(monkeypatch):
     change = sequence_logps().detach() - before
     rewarded = torch.arange(8) % 4 == 0
     assert (change[rewarded] > 0).all() and (change[~rewarded] < 0).all()
+
+
+def test_rollout_seeds_follow_the_data_parallel_rank(monkeypatch):
+    """Data-parallel replicas sample different responses; the ranks of one tensor-parallel group (one
+    data-parallel rank) sample the same, so that they decode in step; each step has its own seeds."""
+    from types import SimpleNamespace
+
+    import moxin.modules.grpo as grpo_module
+    from moxin.generate import Generation
+
+    seeds = []
+
+    def recording_generate(model, prompts, max_new_tokens, seed=None, **kwargs):
+        seeds.append(seed)
+        return Generation(tokens=[[2] for _ in prompts], logprobs=[[0.0] for _ in prompts])
+
+    monkeypatch.setattr(grpo_module, "generate", recording_generate)
+    cfg = ModelConfig(vocab_size=32000, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
+                      sliding_window=16, max_seq_len=64)
+    module = GRPOModule(cfg, OptimConfig(), grpo=GRPOConfig(group_size=2, max_new_tokens=2, kl_beta=0.0))
+    module.tokenizer = load_tokenizer()
+    try:
+        # (global rank, data-parallel rank, step): 4 processes in tensor-parallel groups of 2.
+        for global_rank, data_parallel_rank, step in ((0, 0, 3), (1, 0, 3), (2, 1, 3), (0, 0, 4)):
+            module._trainer = SimpleNamespace(global_step=step, global_rank=global_rank, strategy=SimpleNamespace(
+                distributed_sampler_kwargs={"rank": data_parallel_rank, "num_replicas": 2}))
+            module.rollout([[1, 415]], ["1"])
+    finally:
+        module.verifier.close()
+    assert seeds[0] == seeds[1] and len({seeds[0], seeds[2], seeds[3]}) == 3

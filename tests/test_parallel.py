@@ -730,6 +730,25 @@ def _gathered_generation_worker(rank: int, init_file: str) -> None:
         assert peers[0] == peers[1] and len(out.tokens[1]) == 30, param_dtype
         if param_dtype is None:  # fp32: the unsplit model's tokens (bf16 sums the heads' outputs in another order)
             assert out.tokens == generate(plain, prompts, 30, temperature=1.0, seed=7).tokens
+
+    # GRPO's rewards are the group's first rank's: a peer's verifier that timed out elsewhere (here, a
+    # reward that depends on the rank) must not give it other advantages than its group's.
+    import moxin.modules.grpo as grpo
+    from moxin.modules.base import OptimConfig
+    from moxin.tokenizer import load_tokenizer
+
+    module = grpo.GRPOModule(tiny_model().config, OptimConfig(), grpo=grpo.GRPOConfig(group_size=4, max_new_tokens=3,
+                                                                                     kl_beta=0.0))
+    module.tokenizer, module._meshes = load_tokenizer(), (mesh["data_parallel"], mesh["tensor_parallel"])
+    grpo.timed_rewards = lambda kind, texts, answers, verifier: ([float(i % 4 == rank) for i in range(len(texts))],
+                                                                 [False] * len(texts), 0.0)
+    try:
+        advantages = module.rollout([[1, 5, 9], [3]], ["1", "2"])["batch"]["advantages"]
+    finally:
+        module.verifier.close()
+    peers = [None, None]
+    dist.all_gather_object(peers, advantages)
+    assert torch.equal(peers[0], peers[1]) and peers[0][0] > 0  # rank 0's rewards: the first of each group
     dist.destroy_process_group()
 
 

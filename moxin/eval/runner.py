@@ -28,6 +28,7 @@ def run_suite(lm, suite: EvalSuite, work_dir: str | Path, reports: bool = True) 
         confirm_run_unsafe_code=suite.confirm_run_unsafe_code, log_samples=suite.log_samples,
         random_seed=suite.seed, numpy_random_seed=suite.seed, torch_random_seed=suite.seed,
         fewshot_random_seed=suite.seed,
+        **({} if reports else {"bootstrap_iters": 0}),  # a peer's metrics are thrown away: no standard errors
     )
     if results is None:
         if reports:

@@ -35,7 +35,7 @@ from moxin.losses import (
 from moxin.model import Transformer
 from moxin.modules.base import MoxinModule
 from moxin.modules.reference import ReferencePolicy
-from moxin.parallel import gathered_weights, reshard
+from moxin.parallel import from_group_leader, gathered_weights, reshard
 from moxin.rewards import REWARDS, MathVerifier, timed_rewards
 
 
@@ -111,15 +111,18 @@ class GRPOModule(ReferencePolicy, MoxinModule):
         """group_size samples per prompt, scored; padded tensors for the update."""
         g, eos = self.grpo.group_size, self.tokenizer.eos_token_id
         # By data-parallel rank: a tensor-parallel group's ranks draw the same tokens, so they decode in step.
-        seed = self.grpo.seed + 1_000_003 * self.global_step + data_parallel_rank(self.trainer)[0]
+        seed = self.grpo.seed + 1_000_003 * self.global_step + data_parallel_rank(self._trainer)[0]
         started = time.perf_counter()
         with gathered_weights(self.model):  # FSDP: each rank (TP: group) samples to its own lengths
             out = generate(self.model, [p for p in prompts for _ in range(g)], self.grpo.max_new_tokens,
                            temperature=self.grpo.temperature, top_p=self.grpo.top_p, stop=[eos], seed=seed)
         rollout_s = time.perf_counter() - started
         texts = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in out.tokens]
-        rewards, correct, reward_s = timed_rewards(self.grpo.reward, texts, [a for a in answers for _ in range(g)],
-                                                   self.verifier)
+        # One score per response for a whole tensor-parallel group: its first rank's (a verifier's time limit
+        # could decide otherwise on a peer, which would then update the parameters they share differently).
+        rewards, correct, reward_s = from_group_leader(
+            lambda: timed_rewards(self.grpo.reward, texts, [a for a in answers for _ in range(g)], self.verifier),
+            self._meshes[1] if self._meshes else None)
         rewards = torch.tensor(rewards, dtype=torch.float32).view(len(prompts), g)
         advantages = group_advantages(rewards, scale=self.grpo.scale_advantages).view(-1)
         sequences = [prompts[i // g] + out.tokens[i] for i in range(len(out.tokens))]
