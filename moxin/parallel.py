@@ -205,9 +205,17 @@ def from_group_leader(compute, mesh):
         return compute()
     import torch.distributed as dist
 
-    result = [compute() if mesh.get_local_rank() == 0 else None]
+    result = [None]
+    if mesh.get_local_rank() == 0:
+        try:
+            result = [(compute(), None)]
+        except Exception as error:  # the peers wait for it: they fail with it rather than time out
+            result = [(None, error)]
     dist.broadcast_object_list(result, group=mesh.get_group(), group_src=0)
-    return result[0]
+    value, error = result[0]
+    if error is not None:
+        raise error
+    return value
 
 
 def reshard(model: nn.Module) -> None:

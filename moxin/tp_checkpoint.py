@@ -66,7 +66,7 @@ class PartsLoadPlanner(DefaultLoadPlanner):
             for name, first, _ in parts:  # a part, stored fused
                 source = fqn.replace(f"{fused}.{name}.weight", f"{fused}.weight")
                 if source != fqn and source in stored:
-                    return self._part_from_fused(fqn, obj, source, stored[source], first)
+                    return self._part_from_fused(fqn, obj, source, stored[source], first, fused)
             sources = [(fqn.replace(f"{fused}.weight", f"{fused}.{name}.weight"), first, rows)
                        for name, first, rows in parts]  # fused, stored as parts
             if sources[0][0] != fqn and all(source in stored for source, _, _ in sources):
@@ -74,8 +74,11 @@ class PartsLoadPlanner(DefaultLoadPlanner):
         raise RuntimeError(f"Missing key in checkpoint state_dict: {fqn} (stored under neither its fused nor its "
                            "split name)")
 
-    @staticmethod
-    def _part_from_fused(fqn: str, obj, source: str, md, first: int) -> list:
+    def _part_from_fused(self, fqn: str, obj, source: str, md, first: int, fused: str) -> list:
+        rows = sum(count for _, _, count in self.parts[fused])
+        if len(md.size) and (md.size[0] != rows or tuple(md.size[1:]) != tuple(obj.size()[1:])):
+            raise ValueError(f"Size mismatch between saved {md.size} ({source}) and this model's {fqn}: the "
+                             f"parts of {fused} make {rows} x {list(obj.size()[1:])}; was the model configured alike?")
         chunks = _create_chunk_list(obj)
         # AdamW's step count (0-d) is the fused tensor's own; the moments are rows of the fused ones.
         wanted = [_shifted(c, first) for c in chunks] if len(md.size) else chunks
@@ -85,6 +88,11 @@ class PartsLoadPlanner(DefaultLoadPlanner):
 
     @staticmethod
     def _fused_from_parts(fqn: str, obj, sources, stored) -> list:
+        for source, _, rows in sources:
+            size = stored[source].size
+            if len(size) and tuple(size) != (rows, *obj.size()[1:]):
+                raise ValueError(f"Size mismatch between saved {size} ({source}) and this model's part of {fqn}: "
+                                 f"{[rows, *obj.size()[1:]]}; was the model configured alike?")
         chunks = _create_chunk_list(obj)
         if not len(stored[sources[0][0]].size):  # AdamW's step count: the same in every part
             items = create_read_items_for_chunk_list(sources[0][0], stored[sources[0][0]], chunks)
@@ -144,7 +152,7 @@ class TranslatingModelParallelStrategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
         path = Path(self.broadcast(checkpoint_path))
         module = self.lightning_module
-        if path.is_dir() and (path / SHARDED_META).is_file():
+        if path.is_dir() and (path / SHARDED_META).is_file() and (path / ".metadata").is_file():  # FSDP's folder
             saved = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True).get("tensor_parallel", 1)
             if splits_projections(saved) != splits_projections(module.parallel.tensor_parallel):
                 return load_translated(path, self.model, self.optimizers, module.model_config,

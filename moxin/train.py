@@ -262,6 +262,31 @@ def eval_callbacks(cfg: DictConfig, tokenizer, run_dir: Path, parallel: Parallel
     return [EvalCallback(suite, every_n_steps, tokenizer, run_dir)] if every_n_steps > 0 else []
 
 
+def check_checkpoint_kind(checkpoint: str, parallel: ParallelConfig) -> None:
+    """A checkpoint folder resumes only under the strategy that wrote it (FSDP's distributed checkpoint, or
+    Colossal-AI's Booster folder); its weights can start any run through phase.init_from."""
+    if not is_sharded_checkpoint(checkpoint):
+        return
+    kind = "fsdp" if os.path.isfile(os.path.join(checkpoint, ".metadata")) else "colossalai"
+    if parallel.strategy != kind:
+        raise ValueError(f"{checkpoint} is a sharded checkpoint of hardware.strategy={kind}; resume it under that "
+                         f"strategy (this run has {parallel.strategy}), or start from its weights with "
+                         f"phase.init_from={checkpoint}")
+
+
+def read_checkpoint_state(checkpoint: str, sharded: bool) -> dict:
+    """A checkpoint's non-tensor state: a folder's meta.pt, or a file memory-mapped (its tensors are not
+    read), or read whole where it is of the old non-zip format, which cannot be mapped."""
+    if sharded:
+        return torch.load(os.path.join(checkpoint, SHARDED_META), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        return torch.load(checkpoint, map_location="cpu", weights_only=True)
+
+
 def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -314,12 +339,10 @@ def train(cfg: DictConfig) -> dict:
         metrics.update({f"{name}_initial": float(value) for name, value in initial[0].items()})
     elif checkpoint is not None:
         print(f"Resuming from {checkpoint}")
-        # Before the weights load (no hook of Lightning's comes earlier): mmap reads only what is asked.
+        check_checkpoint_kind(checkpoint, parallel)
+        # Before the weights load (no hook of Lightning's comes earlier).
         sharded = is_sharded_checkpoint(checkpoint)
-        saved = torch.load(os.path.join(checkpoint, SHARDED_META) if sharded else checkpoint, map_location="cpu",
-                           weights_only=True, mmap=not sharded)
-        module.check_tensor_parallel(saved, sharded)
-        del saved
+        module.check_tensor_parallel(read_checkpoint_state(checkpoint, sharded), sharded)
     trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
     final = dict(trainer.callback_metrics)
     if cfg.phase.limit_val_batches and trainer.global_step % cfg.phase.val_every_steps:
