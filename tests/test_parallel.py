@@ -669,11 +669,12 @@ def test_torchrun_launch_matches_one_process(one_process, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+@pytest.mark.parametrize("name", ["fsdp"])
 def test_two_process_sft_equals_one_process(name, tmp_path):
     """SFT divides each micro-batch's loss by the trained tokens of its whole optimizer step on all ranks
     (step_tokens): right only if the ranks' micro-batches of a step are that step's items, in order.
-    Its rows pack several conversations (segments), which FSDP's sharded blocks must keep apart too."""
+    Its rows pack several conversations (segments), which FSDP's sharded blocks must keep apart too.
+    (ddp counts the step's tokens by the same all-reduce: its run here added 20 s and no other code.)"""
     sft = ("+experiment=sft_tulu3", "+scale=tiny", "phase.init_from=null", "phase.max_steps=6")
     _, one = train_run(tmp_path / "one", *sft, "context.micro_batch_size=8", experiment="sft_tulu3")
     _, two = train_run(tmp_path / "two", *sft, *STRATEGIES[name], *TWO_PROCESSES, experiment="sft_tulu3")
