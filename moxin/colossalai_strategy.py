@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.core.optimizer import do_nothing_closure
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.ddp import _DDPForwardRedirection
 from lightning.pytorch.trainer.states import TrainerFn
 
 PLUGINS = {"torch_ddp": "TorchDDPPlugin", "low_level_zero": "LowLevelZeroPlugin", "gemini": "GeminiPlugin",
@@ -124,6 +125,18 @@ class ColossalAIPrecision(Precision):
         optimizer.clip_grad_by_norm(clip_val)  # the booster's optimizer wrapper knows its parameters
 
 
+class _BoostedDDPForwardRedirection(_DDPForwardRedirection):
+    """Lightning's handling of manual optimization under DDP (no gradient synchronisation armed by the
+    forward that runs training_step; each manual backward arms its own), for the DistributedDataParallel
+    inside the TorchDDPPlugin's wrapper."""
+
+    def on_after_inner_forward(self, wrapper_module, original_module) -> None:
+        super().on_after_inner_forward(getattr(wrapper_module, "module", wrapper_module), original_module)
+
+    def on_after_outer_forward(self, wrapper_module, original_module) -> None:
+        super().on_after_outer_forward(getattr(wrapper_module, "module", wrapper_module), original_module)
+
+
 class ColossalAIStrategy(DDPStrategy):
     """Processes, ranks and collectives as DDP; the model and optimizer wrapping, backward, step and
     checkpoints through Colossal-AI's Booster."""
@@ -136,6 +149,7 @@ class ColossalAIStrategy(DDPStrategy):
         if plugin not in PLUGINS:
             raise ValueError(f"hardware.colossalai.plugin={plugin!r} is not one of {sorted(PLUGINS)}")
         super().__init__(precision_plugin=ColossalAIPrecision(), **kwargs)
+        self._forward_redirection = _BoostedDDPForwardRedirection()
         self.plugin_name = plugin
         self.plugin_options = dict(plugin_options or {})
         self.booster = None
@@ -157,11 +171,12 @@ class ColossalAIStrategy(DDPStrategy):
         if self.root_device.type == "cpu":
             _allow_cpu_synchronize()
         if trainer.state.fn == TrainerFn.FITTING and self._boosted is None:
-            if not self.lightning_module.automatic_optimization:
-                # Its backward passes run inside the wrapped module's forward, where the wrapper has not
-                # prepared its gradient synchronisation (nor ZeRO its gradient partitions).
+            if not self.lightning_module.automatic_optimization and self.plugin_name != "torch_ddp":
+                # Its backward passes run inside the wrapped module's forward: only plain DDP's gradient
+                # synchronisation can be prepared for each of them (pre_backward), not ZeRO's partitions.
                 raise ValueError(f"{type(self.lightning_module).__name__} optimizes by hand (GRPO), which the "
-                                 "Colossal-AI strategy does not support; use hardware=ddp")
+                                 f"Colossal-AI plugin {self.plugin_name} does not support; use "
+                                 "hardware=colossalai_ddp, ddp or fsdp")
             self.setup_optimizers(trainer)
             if len(self.optimizers) != 1:
                 raise ValueError("the Colossal-AI strategy boosts one optimizer; the module configured "
@@ -173,6 +188,16 @@ class ColossalAIStrategy(DDPStrategy):
         if self._boosted is not None:  # after fit (a final validation, the last save): still the boosted one
             self.model = self._boosted
         self.setup_precision_plugin()
+
+    def pre_backward(self, closure_loss: torch.Tensor) -> None:
+        """Manual optimization (GRPO) runs its backward passes inside the module's forward: arm the
+        TorchDDPPlugin's DistributedDataParallel for each, as Lightning's DDP strategy does."""
+        ddp = getattr(self.model, "module", None)
+        manual = not self.lightning_module.automatic_optimization
+        if manual and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            from lightning.pytorch.overrides.distributed import prepare_for_backward
+
+            prepare_for_backward(ddp, closure_loss)
 
     def backward(self, closure_loss: torch.Tensor, optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.pre_backward(closure_loss)

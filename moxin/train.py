@@ -235,10 +235,10 @@ def build_module(cfg: DictConfig, model_cfg: ModelConfig, data_cfg, parallel: Pa
     if data_format != module_class.data_format:
         raise ValueError(f"phase.module={name} trains on {module_class.data_format} data, but the data option gives "
                          f"{data_format} data; pick a matching data option (see conf/data/)")
-    if module_class.generates and parallel.strategy == "colossalai":
-        raise ValueError(f"phase.module={name} optimizes by hand, several steps per rollout batch, which the "
-                         "Colossal-AI strategy cannot run (its backward passes would skip gradient "
-                         "synchronisation); use hardware=ddp or hardware=fsdp")
+    if module_class.generates and parallel.strategy == "colossalai" and parallel.colossalai.plugin != "torch_ddp":
+        raise ValueError(f"phase.module={name} optimizes by hand, several steps per rollout batch, which "
+                         f"Colossal-AI's {parallel.colossalai.plugin} plugin cannot run (its backward passes would "
+                         "skip the gradient partitioning); use hardware=colossalai_ddp, ddp or fsdp")
     options = {key: instantiate(cfg.phase[key]) for key in module_class.phase_options if key in cfg.phase}
     with torch.device("meta") if parallel.strategy == "fsdp" else contextlib.nullcontext():
         module = module_class(model_cfg, instantiate(cfg.phase.optimizer),

@@ -445,14 +445,16 @@ def test_global_batch_tokens_sets_gradient_accumulation():
     assert accumulation(cfg, world_size(cfg.hardware.accelerator, cfg.hardware.devices, cfg.hardware.num_nodes)) == 16
 
 
-def test_colossalai_refuses_grpo_and_gemini_the_eval_callback(make_cfg, tmp_path):
+def test_colossalai_refuses_grpo_but_under_ddp_and_gemini_the_eval_callback(make_cfg, tmp_path):
     fsdp = ParallelConfig(strategy="fsdp")
     cfg = make_cfg("+experiment=grpo_deepscaler", "+scale=tiny")
     from hydra.utils import instantiate
 
-    colossalai = ParallelConfig(strategy="colossalai", colossalai={"plugin": "torch_ddp"})
-    with pytest.raises(ValueError, match="optimizes by hand.*use hardware=ddp or hardware=fsdp"):
-        build_module(cfg, instantiate(cfg.model), instantiate(cfg.data), colossalai)
+    zero = ParallelConfig(strategy="colossalai", colossalai={"plugin": "low_level_zero"})
+    with pytest.raises(ValueError, match="optimizes by hand.*use hardware=colossalai_ddp, ddp or fsdp"):
+        build_module(cfg, instantiate(cfg.model), instantiate(cfg.data), zero)
+    torch_ddp = ParallelConfig(strategy="colossalai", colossalai={"plugin": "torch_ddp"})
+    assert build_module(cfg, instantiate(cfg.model), instantiate(cfg.data), torch_ddp).parallel is torch_ddp
     cfg = make_cfg("eval.every_n_steps=10")
     gemini = ParallelConfig(strategy="colossalai", colossalai={"plugin": "gemini"})
     with pytest.raises(ValueError, match="eval.every_n_steps runs the model on rank 0 alone.*gemini"):
@@ -849,7 +851,8 @@ def train_metrics(run_dir: Path, key: str) -> dict[int, float]:
 def test_grpo_under_fsdp_matches_ddp_and_resumes(eval_data_dir, tmp_path):
     """GRPO's rollouts, rewards, validation, in-training evaluation and weights under fsdp (2 gloo
     processes) equal those under ddp, whose ranks sample the same rollouts from the same seeds; the KL
-    reference is sharded too, and a resumed run goes on as the uninterrupted one did."""
+    reference is sharded too, and a resumed run goes on as the uninterrupted one did. Under Colossal-AI's
+    TorchDDPPlugin (where installed) the rollouts and weights are ddp's too."""
     start = answering_bigram(tmp_path / "start")
     grpo = ("+experiment=grpo_deepscaler", "+scale=tiny", f"phase.init_from={start}", "phase.max_steps=4",
             "phase.val_every_steps=2", "phase.limit_val_batches=1", "phase.checkpoint_every_steps=2",
@@ -879,6 +882,17 @@ def test_grpo_under_fsdp_matches_ddp_and_resumes(eval_data_dir, tmp_path):
         moved = torch.linalg.vector_norm(tensor - started[key])
         assert moved > 0, key  # every tensor trained
         assert torch.linalg.vector_norm(trained[key] - tensor) < 1e-3 * moved, key  # and by the same update
+
+    # Colossal-AI's TorchDDPPlugin: each manual backward arms the plugin's DistributedDataParallel.
+    if colossalai_available():
+        colossal_dir = train_run(tmp_path / "colossalai", *grpo, *STRATEGIES["colossalai_ddp"],
+                                 experiment="grpo_deepscaler")[1]
+        for key in ("train/response_length", "train/reward", "train/kl"):
+            assert train_metrics(colossal_dir, key) == pytest.approx(train_metrics(ddp_dir, key), rel=1e-5), key
+        trained = load_model(str(colossal_dir)).state_dict()
+        for key, tensor in expected.items():
+            assert torch.linalg.vector_norm(trained[key] - tensor) < 1e-3 * torch.linalg.vector_norm(
+                tensor - started[key]), key
 
     # GRPO's own resume state (consumed rollout batches, the seeds by step) with the sharded reference.
     resumed_dir = train_run(tmp_path / "resumed", *grpo, *STRATEGIES["fsdp"],
