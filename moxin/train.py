@@ -239,6 +239,9 @@ def build_module(cfg: DictConfig, model_cfg: ModelConfig, data_cfg, parallel: Pa
         raise ValueError(f"phase.module={name} optimizes by hand, several steps per rollout batch, which "
                          f"Colossal-AI's {parallel.colossalai.plugin} plugin cannot run (its backward passes would "
                          "skip the gradient partitioning); use hardware=colossalai_ddp, ddp or fsdp")
+    if module_class.generates and parallel.strategy == "colossalai" and parallel.colossalai.options.get("static_graph"):
+        raise ValueError(f"phase.module={name} optimizes by hand, for which DDP's static_graph would need the first "
+                         "backward's all-reduce started by hand; leave hardware.colossalai.options.static_graph unset")
     options = {key: instantiate(cfg.phase[key]) for key in module_class.phase_options if key in cfg.phase}
     with torch.device("meta") if parallel.strategy == "fsdp" else contextlib.nullcontext():
         module = module_class(model_cfg, instantiate(cfg.phase.optimizer),

@@ -455,6 +455,10 @@ def test_colossalai_refuses_grpo_but_under_ddp_and_gemini_the_eval_callback(make
         build_module(cfg, instantiate(cfg.model), instantiate(cfg.data), zero)
     torch_ddp = ParallelConfig(strategy="colossalai", colossalai={"plugin": "torch_ddp"})
     assert build_module(cfg, instantiate(cfg.model), instantiate(cfg.data), torch_ddp).parallel is torch_ddp
+    static = ParallelConfig(strategy="colossalai",
+                            colossalai={"plugin": "torch_ddp", "options": {"static_graph": True}})
+    with pytest.raises(ValueError, match="static_graph"):  # its gradients would not be all-reduced
+        build_module(cfg, instantiate(cfg.model), instantiate(cfg.data), static)
     cfg = make_cfg("eval.every_n_steps=10")
     gemini = ParallelConfig(strategy="colossalai", colossalai={"plugin": "gemini"})
     with pytest.raises(ValueError, match="eval.every_n_steps runs the model on rank 0 alone.*gemini"):
