@@ -45,6 +45,12 @@ def _shifted(chunk: ChunkStorageMetadata, rows: int, first: int | None = None, c
     return ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
 
 
+def _reads_into(fqn: str, chunks: list, items: list) -> list:
+    """Read items planned for another key (the stored name) that fill this rank's `chunks` of `fqn`."""
+    return [dataclasses.replace(item, dest_index=MetadataIndex(fqn, chunks[item.dest_index.index].offsets,
+                                                               item.dest_index.index)) for item in items]
+
+
 class PartsLoadPlanner(DefaultLoadPlanner):
     """DCP's default load plan, plus reads that translate between fused projections and their parts
     (see the module's docstring) for the keys the checkpoint stores under the other naming."""
@@ -82,9 +88,7 @@ class PartsLoadPlanner(DefaultLoadPlanner):
         chunks = _create_chunk_list(obj)
         # AdamW's step count (0-d) is the fused tensor's own; the moments are rows of the fused ones.
         wanted = [_shifted(c, first) for c in chunks] if len(md.size) else chunks
-        items = create_read_items_for_chunk_list(source, md, wanted)
-        return [dataclasses.replace(item, dest_index=MetadataIndex(fqn, chunks[item.dest_index.index].offsets,
-                                                                   item.dest_index.index)) for item in items]
+        return _reads_into(fqn, chunks, create_read_items_for_chunk_list(source, md, wanted))
 
     @staticmethod
     def _fused_from_parts(fqn: str, obj, sources, stored) -> list:
@@ -95,9 +99,8 @@ class PartsLoadPlanner(DefaultLoadPlanner):
                                  f"{[rows, *obj.size()[1:]]}; was the model configured alike?")
         chunks = _create_chunk_list(obj)
         if not len(stored[sources[0][0]].size):  # AdamW's step count: the same in every part
-            items = create_read_items_for_chunk_list(sources[0][0], stored[sources[0][0]], chunks)
-            return [dataclasses.replace(item, dest_index=MetadataIndex(fqn, chunks[item.dest_index.index].offsets,
-                                                                       item.dest_index.index)) for item in items]
+            return _reads_into(fqn, chunks, create_read_items_for_chunk_list(sources[0][0], stored[sources[0][0]],
+                                                                             chunks))
         out = []
         for index, chunk in enumerate(chunks):
             low, high = chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0]
