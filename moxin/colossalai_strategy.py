@@ -8,11 +8,13 @@ is installed with --no-deps next to the torch we use. On a CPU its TorchDDPPlugi
 
 A checkpoint is a folder `<name>.ckpt/`: `model/` and `optimizer/` written by the booster (each rank its
 shard where the plugin shards), and `meta.pt`, the rest of Lightning's checkpoint (loops, schedulers,
-the module's own state), written by rank 0.
+the module's own state), written by rank 0. A frozen reference policy (DPO, GRPO) is left out of `model/`
+(but under Gemini, whose chunks hold it): it is rebuilt from the starting weights on resume.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -31,6 +33,7 @@ PLUGINS = {"torch_ddp": "TorchDDPPlugin", "low_level_zero": "LowLevelZeroPlugin"
 INSTALL_HINT = ("Colossal-AI is an optional extra: `make install-colossalai` (pip install --no-deps "
                 "colossalai==0.5.0 plus the modules it imports)")
 META_FILE = "meta.pt"
+REFERENCE = "reference"  # the frozen reference policy's submodule (moxin/modules/reference.py)
 
 
 def clips_in_optimizer(plugin: str) -> bool:
@@ -106,6 +109,15 @@ def gemini_optimizer(param_groups: list[dict], lr: float, betas, eps: float, wei
     from colossalai.nn.optimizer import HybridAdam
 
     return HybridAdam(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adamw_mode=True)
+
+
+def saved_model_keys(folder: Path) -> set[str]:
+    """The parameter names a booster's sharded model folder holds (from its index file)."""
+    indexes = sorted(folder.glob("*.index.json"))
+    if not indexes:
+        raise FileNotFoundError(f"{folder} holds no *.index.json: not a model folder the Colossal-AI booster wrote")
+    with open(indexes[0]) as f:
+        return set(json.load(f)["weight_map"])
 
 
 class ColossalAIPrecision(Precision):
@@ -229,6 +241,22 @@ class ColossalAIStrategy(DDPStrategy):
 
     # --- checkpoints ---
 
+    @contextmanager
+    def _without_reference(self, saved_keys: set[str] | None = None):
+        """The booster saves (and loads) the module's whole state dict: hide the frozen reference from it,
+        which the module rebuilds from its starting weights. Not under Gemini, whose chunks name every
+        parameter; nor when loading a folder that holds the reference (written before it was left out)."""
+        module = self.lightning_module
+        holds_reference = saved_keys is not None and any(k.startswith(f"{REFERENCE}.") for k in saved_keys)
+        if self.plugin_name == "gemini" or holds_reference or module._modules.get(REFERENCE) is None:
+            yield
+            return
+        reference = module._modules.pop(REFERENCE)
+        try:
+            yield
+        finally:
+            module._modules[REFERENCE] = reference
+
     def lightning_module_state_dict(self) -> dict:
         return {}  # the booster writes the model; see save_checkpoint
 
@@ -245,7 +273,8 @@ class ColossalAIStrategy(DDPStrategy):
         self.barrier("colossalai_checkpoint_folder")
         checkpoint.pop("state_dict", None)
         checkpoint.pop("optimizer_states", None)
-        self.booster.save_model(self._boosted, str(path / "model"), shard=True)
+        with self._without_reference():
+            self.booster.save_model(self._boosted, str(path / "model"), shard=True)
         self.booster.save_optimizer(self.optimizers[0], str(path / "optimizer"), shard=True)
         if self.is_global_zero:
             temporary = path / f"{META_FILE}.tmp"
@@ -257,7 +286,8 @@ class ColossalAIStrategy(DDPStrategy):
         path = Path(self.broadcast(str(checkpoint_path)))
         if not (path / META_FILE).is_file():
             raise FileNotFoundError(f"{path} is not a Colossal-AI checkpoint of this strategy (no {META_FILE})")
-        self.booster.load_model(self._boosted, str(path / "model"))
+        with self._without_reference(saved_model_keys(path / "model")):
+            self.booster.load_model(self._boosted, str(path / "model"))
         self.booster.load_optimizer(self.optimizers[0], str(path / "optimizer"))
         checkpoint = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
         checkpoint["state_dict"] = {}  # the weights are in place already

@@ -310,6 +310,16 @@ STRATEGIES = {
 # The tensor-parallel run resumes without tensor parallelism (2 data-parallel ranks of 4 rows): its
 # checkpoint's split projections load into the fused ones (moxin/tp_checkpoint.py).
 RESUMED_AS = {"tp": ("hardware.fsdp.tensor_parallel=1", "context.micro_batch_size=4")}
+# Their resumes add no code path (each run is ~12 s of the suite's budget): ddp's checkpoint is the
+# single file of one process, and fsdp's resume restores the data position of 2 ranks; HSDP's folders
+# are written and read by fsdp's code, and its replicated weights round-trip through DCP in
+# test_tensor_parallel.py's HSDP worker.
+# colossalai_ddp's booster checkpoints are resumed by GRPO's test below.
+RESUMED_ELSEWHERE = ("ddp", "hsdp", "colossalai_ddp")
+# The multi-node path, on one node: torchrun starts the ranks (Lightning reads its environment instead
+# of starting processes), every rank composes its config, and all share the run folder they are given.
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")  # --standalone: a free port
+LAUNCHED_BY_TORCHRUN = ("fsdp",)
 
 
 def train_run(root: Path, *overrides: str, experiment: str = "tiny_debug",
@@ -344,7 +354,13 @@ def test_two_processes_match_one_and_resume_from_their_checkpoints(name, one_pro
     if name.startswith("colossalai") and not colossalai_available():
         pytest.skip("colossalai is not installed (make install-colossalai)")
     reference, reference_dir = one_process
-    losses, run_dir = train_run(tmp_path / "full", *STRATEGIES[name], *TWO_PROCESSES)
+    if name in LAUNCHED_BY_TORCHRUN:
+        shared = tmp_path / "full" / "tiny_debug" / "shared"
+        losses, run_dir = train_run(tmp_path / "full", *STRATEGIES[name], *TWO_PROCESSES, f"hydra.run.dir={shared}",
+                                    launcher=TORCHRUN)
+        assert run_dir == shared
+    else:
+        losses, run_dir = train_run(tmp_path / "full", *STRATEGIES[name], *TWO_PROCESSES)
     assert sorted(losses) == sorted(reference) and len(losses) == 10
     assert validation_losses(run_dir) == pytest.approx(validation_losses(reference_dir), rel=1e-5)
     for step, loss in reference.items():  # fp32; the ranks' gradients are summed in another order
@@ -369,25 +385,14 @@ def test_two_processes_match_one_and_resume_from_their_checkpoints(name, one_pro
     for key, tensor in load_model(str(run_dir)).state_dict().items():
         assert torch.equal(saved[key], tensor), (name, key)
 
+    if name in RESUMED_ELSEWHERE:
+        return
     middle = run_dir / "checkpoints" / "step-5.ckpt"
     resumed, _ = train_run(tmp_path / "resumed", *STRATEGIES[name], *TWO_PROCESSES, *RESUMED_AS.get(name, ()),
                            f"resume={middle}")
     assert min(resumed) == 5  # it went on from step 5 ...
     for step in resumed:  # ... exactly as the uninterrupted run did (up to the order of sums, across layouts)
         assert resumed[step] == pytest.approx(losses[step], rel=1e-5 if name in RESUMED_AS else 1e-6), (name, step)
-
-
-@pytest.mark.slow
-def test_torchrun_launch_matches_one_process(one_process, tmp_path):
-    """The multi-node path on one node: torchrun starts the ranks (Lightning reads its environment instead
-    of starting processes), every rank composes its config, and all share the run folder they are given."""
-    reference, _ = one_process
-    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")  # a free port
-    losses, run_dir = train_run(tmp_path, *STRATEGIES["fsdp"], *TWO_PROCESSES,
-                                f"hydra.run.dir={tmp_path / 'tiny_debug' / 'shared'}", launcher=torchrun)
-    assert run_dir.name == "shared" and (run_dir / "final" / "model.safetensors").exists()
-    for step, loss in reference.items():
-        assert losses[step] == pytest.approx(loss, rel=1e-5), step
 
 
 @pytest.mark.slow
@@ -604,22 +609,31 @@ def test_grpo_under_fsdp_matches_ddp_and_resumes(eval_data_dir, tmp_path):
         assert torch.linalg.vector_norm(trained[key] - tensor) < 1e-3 * moved, key  # and by the same update
 
     # Colossal-AI's TorchDDPPlugin: each manual backward arms the plugin's DistributedDataParallel.
+    resumable = fsdp_dir
     if colossalai_available():
-        colossal_dir = train_run(tmp_path / "colossalai", *grpo, *STRATEGIES["colossalai_ddp"],
-                                 experiment="grpo_deepscaler")[1]
+        resumable = train_run(tmp_path / "colossalai", *grpo, *STRATEGIES["colossalai_ddp"],
+                              experiment="grpo_deepscaler")[1]
         for key in ("train/response_length", "train/reward", "train/kl"):
-            assert train_metrics(colossal_dir, key) == pytest.approx(train_metrics(ddp_dir, key), rel=1e-5), key
-        trained = load_model(str(colossal_dir)).state_dict()
+            assert train_metrics(resumable, key) == pytest.approx(train_metrics(ddp_dir, key), rel=1e-5), key
+        trained = load_model(str(resumable)).state_dict()
         for key, tensor in expected.items():
             assert torch.linalg.vector_norm(trained[key] - tensor) < 1e-3 * torch.linalg.vector_norm(
                 tensor - started[key]), key
+        # Its checkpoints leave the frozen reference out (half their size): a resume rebuilds it from
+        # the starting weights and loads the policy strictly.
+        from moxin.colossalai_strategy import saved_model_keys
 
-    # GRPO's own resume state (consumed rollout batches, the seeds by step) with the sharded reference.
-    resumed_dir = train_run(tmp_path / "resumed", *grpo, *STRATEGIES["fsdp"],
-                            f"resume={fsdp_dir / 'checkpoints' / 'step-2.ckpt'}", experiment="grpo_deepscaler")[1]
+        saved = saved_model_keys(resumable / "checkpoints" / "step-2.ckpt" / "model")
+        assert saved and all(key.startswith("model.") for key in saved), sorted(saved)[:5]
+
+    # GRPO's own resume state (consumed rollout batches, the seeds by step), resumed under Colossal-AI
+    # where installed, else under fsdp with its sharded reference (which DPO's fsdp test resumes too).
+    strategy = "colossalai_ddp" if resumable != fsdp_dir else "fsdp"
+    resumed_dir = train_run(tmp_path / "resumed", *grpo, *STRATEGIES[strategy],
+                            f"resume={resumable / 'checkpoints' / 'step-2.ckpt'}", experiment="grpo_deepscaler")[1]
     resumed_kl = train_metrics(resumed_dir, "train/kl")
     assert sorted(resumed_kl) == [2, 3]
-    assert resumed_kl == pytest.approx({step: kl for step, kl in train_metrics(fsdp_dir, "train/kl").items()
+    assert resumed_kl == pytest.approx({step: kl for step, kl in train_metrics(resumable, "train/kl").items()
                                         if step >= 2}, rel=1e-4)
 
 

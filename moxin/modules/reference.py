@@ -1,9 +1,10 @@
 """A frozen reference policy beside the trained one (DPO, GRPO's KL term).
 
 The reference is a copy of the starting weights. It is left out of checkpoints (it would double
-their size; under FSDP it stays in, since FSDP restores every registered tensor) and rebuilt from
-the starting weights when a run resumes; the starting weights'
+their size) and rebuilt from the starting weights when a run resumes; the starting weights'
 fingerprint is saved, so a resume from other weights is refused instead of silently changing it.
+It stays in under FSDP, which restores every registered tensor, and under Colossal-AI's Gemini, whose
+chunks hold it (the other Colossal-AI plugins leave it out: moxin/colossalai_strategy.py).
 """
 
 from __future__ import annotations
