@@ -33,6 +33,7 @@ PLUGINS = {"torch_ddp": "TorchDDPPlugin", "low_level_zero": "LowLevelZeroPlugin"
 INSTALL_HINT = ("Colossal-AI is an optional extra: `make install-colossalai` (pip install --no-deps "
                 "colossalai==0.5.0 plus the modules it imports)")
 META_FILE = "meta.pt"
+PLUGIN_KEY = "colossalai_plugin"  # in meta.pt: the plugin that wrote the folder
 REFERENCE = "reference"  # the frozen reference policy's submodule (moxin/modules/reference.py)
 
 
@@ -277,6 +278,7 @@ class ColossalAIStrategy(DDPStrategy):
             self.booster.save_model(self._boosted, str(path / "model"), shard=True)
         self.booster.save_optimizer(self.optimizers[0], str(path / "optimizer"), shard=True)
         if self.is_global_zero:
+            checkpoint[PLUGIN_KEY] = self.plugin_name
             temporary = path / f"{META_FILE}.tmp"
             torch.save(checkpoint, temporary)
             os.replace(temporary, path / META_FILE)  # written last: its presence marks a complete checkpoint
@@ -286,10 +288,15 @@ class ColossalAIStrategy(DDPStrategy):
         path = Path(self.broadcast(str(checkpoint_path)))
         if not (path / META_FILE).is_file():
             raise FileNotFoundError(f"{path} is not a Colossal-AI checkpoint of this strategy (no {META_FILE})")
+        checkpoint = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
+        written_by = checkpoint.get(PLUGIN_KEY, self.plugin_name)  # (older folders do not say)
+        if written_by != self.plugin_name:  # their optimizer states (and Gemini's model) are laid out otherwise
+            raise ValueError(f"{path} was saved under the Colossal-AI plugin {written_by}, and this run has "
+                             f"{self.plugin_name}: resume it under hardware.colossalai.plugin={written_by}, or "
+                             f"start from its weights with phase.init_from={path}")
         with self._without_reference(saved_model_keys(path / "model")):
             self.booster.load_model(self._boosted, str(path / "model"))
         self.booster.load_optimizer(self.optimizers[0], str(path / "optimizer"))
-        checkpoint = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
         checkpoint["state_dict"] = {}  # the weights are in place already
         return checkpoint
 

@@ -99,6 +99,19 @@ def test_a_checkpoint_folder_resumes_under_its_own_strategy_and_old_files_are_re
     assert read_checkpoint_state(str(old), sharded=False)["tensor_parallel"] == 1
 
 
+@needs_colossalai
+def test_a_colossalai_folder_resumes_under_the_plugin_that_wrote_it(tmp_path):
+    """The plugins lay out optimizer states (and Gemini the model) each their own way: a folder written
+    under one is refused under another before anything is loaded, naming both and phase.init_from."""
+    from moxin.colossalai_strategy import PLUGIN_KEY, ColossalAIStrategy
+
+    folder = tmp_path / "step-2.ckpt"
+    folder.mkdir()
+    torch.save({PLUGIN_KEY: "torch_ddp", "global_step": 2}, folder / "meta.pt")
+    with pytest.raises(ValueError, match="plugin torch_ddp, and this run has gemini.*plugin=torch_ddp.*init_from="):
+        ColossalAIStrategy(plugin="gemini").load_checkpoint(folder)
+
+
 def test_world_size_counts_devices_times_nodes():
     assert world_size("gpu", 8, 4) == 32
     assert world_size("cpu", "auto", 1) == 1
@@ -311,11 +324,9 @@ STRATEGIES = {
 # checkpoint's split projections load into the fused ones (moxin/tp_checkpoint.py).
 RESUMED_AS = {"tp": ("hardware.fsdp.tensor_parallel=1", "context.micro_batch_size=4")}
 # Their resumes add no code path (each run is ~12 s of the suite's budget): ddp's checkpoint is the
-# single file of one process, and fsdp's resume restores the data position of 2 ranks; HSDP's folders
-# are written and read by fsdp's code, and its replicated weights round-trip through DCP in
-# test_tensor_parallel.py's HSDP worker.
+# single file of one process, and fsdp's resume restores the data position of 2 ranks;
 # colossalai_ddp's booster checkpoints are resumed by GRPO's test below.
-RESUMED_ELSEWHERE = ("ddp", "hsdp", "colossalai_ddp")
+RESUMED_ELSEWHERE = ("ddp", "colossalai_ddp")
 # The multi-node path, on one node: torchrun starts the ranks (Lightning reads its environment instead
 # of starting processes), every rank composes its config, and all share the run folder they are given.
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")  # --standalone: a free port
@@ -573,11 +584,12 @@ def train_metrics(run_dir: Path, key: str) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_grpo_under_fsdp_matches_ddp_and_resumes(eval_data_dir, tmp_path):
+def test_grpo_under_fsdp_and_colossalai_matches_ddp_and_resumes(eval_data_dir, tmp_path):
     """GRPO's rollouts, rewards, validation, in-training evaluation and weights under fsdp (2 gloo
     processes) equal those under ddp, whose ranks sample the same rollouts from the same seeds; the KL
-    reference is sharded too, and a resumed run goes on as the uninterrupted one did. Under Colossal-AI's
-    TorchDDPPlugin (where installed) the rollouts and weights are ddp's too."""
+    reference is sharded too. Under Colossal-AI's TorchDDPPlugin (where installed) the rollouts and
+    weights are ddp's too, and a run resumed from its checkpoint goes on as the uninterrupted one did
+    (under fsdp where Colossal-AI is not installed)."""
     start = answering_bigram(tmp_path / "start")
     grpo = ("+experiment=grpo_deepscaler", "+scale=tiny", f"phase.init_from={start}", "phase.max_steps=4",
             "phase.val_every_steps=2", "phase.limit_val_batches=1", "phase.checkpoint_every_steps=2",
@@ -621,10 +633,12 @@ def test_grpo_under_fsdp_matches_ddp_and_resumes(eval_data_dir, tmp_path):
                 tensor - started[key]), key
         # Its checkpoints leave the frozen reference out (half their size): a resume rebuilds it from
         # the starting weights and loads the policy strictly.
-        from moxin.colossalai_strategy import saved_model_keys
+        from moxin.colossalai_strategy import PLUGIN_KEY, saved_model_keys
 
         saved = saved_model_keys(resumable / "checkpoints" / "step-2.ckpt" / "model")
         assert saved and all(key.startswith("model.") for key in saved), sorted(saved)[:5]
+        meta = torch.load(resumable / "checkpoints" / "step-2.ckpt" / "meta.pt", weights_only=True)
+        assert meta[PLUGIN_KEY] == "torch_ddp"  # the plugin it resumes under (refused under another)
 
     # GRPO's own resume state (consumed rollout batches, the seeds by step), resumed under Colossal-AI
     # where installed, else under fsdp with its sharded reference (which DPO's fsdp test resumes too).
