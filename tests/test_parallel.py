@@ -327,18 +327,27 @@ RESUMED_AS = {"tp": ("hardware.fsdp.tensor_parallel=1", "context.micro_batch_siz
 # single file of one process, and fsdp's resume restores the data position of 2 ranks;
 # colossalai_ddp's booster checkpoints are resumed by GRPO's test below.
 RESUMED_ELSEWHERE = ("ddp", "colossalai_ddp")
+
+
 # The multi-node path, on one node: torchrun starts the ranks (Lightning reads its environment instead
-# of starting processes), every rank composes its config, and all share the run folder they are given.
+# of starting processes), and every rank composes its config. The strategies' first runs start their
+# ranks through Lightning (but fsdp's); the other two-process runs use torchrun, which is quicker.
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")  # --standalone: a free port
 LAUNCHED_BY_TORCHRUN = ("fsdp",)
 
 
 def train_run(root: Path, *overrides: str, experiment: str = "tiny_debug",
-              launcher: tuple[str, ...] = ()) -> tuple[dict[int, float], Path]:
-    """Run run.py in its own process (or under `launcher`); (train/loss per step, run folder)."""
+              torchrun: bool = False) -> tuple[dict[int, float], Path]:
+    """Run run.py in its own process, or its 2 ranks under torchrun; (train/loss per step, run folder).
+    torchrun starts both ranks at once, 4 s sooner than Lightning starts rank 1 (once rank 0 is set
+    up), and the ranks share the run folder they are given."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not any(o.startswith("+experiment=") for o in overrides):
         overrides = (f"+experiment={experiment}", *overrides)
+    launcher = ()
+    if torchrun:
+        launcher = TORCHRUN
+        overrides = (*overrides, f"hydra.run.dir={root / experiment / 'shared'}")
     done = subprocess.run([sys.executable, *launcher, "run.py", *COMMON, f"paths.output_root={root}", *overrides],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -365,13 +374,9 @@ def test_two_processes_match_one_and_resume_from_their_checkpoints(name, one_pro
     if name.startswith("colossalai") and not colossalai_available():
         pytest.skip("colossalai is not installed (make install-colossalai)")
     reference, reference_dir = one_process
-    if name in LAUNCHED_BY_TORCHRUN:
-        shared = tmp_path / "full" / "tiny_debug" / "shared"
-        losses, run_dir = train_run(tmp_path / "full", *STRATEGIES[name], *TWO_PROCESSES, f"hydra.run.dir={shared}",
-                                    launcher=TORCHRUN)
-        assert run_dir == shared
-    else:
-        losses, run_dir = train_run(tmp_path / "full", *STRATEGIES[name], *TWO_PROCESSES)
+    torchrun = name in LAUNCHED_BY_TORCHRUN
+    losses, run_dir = train_run(tmp_path / "full", *STRATEGIES[name], *TWO_PROCESSES, torchrun=torchrun)
+    assert (run_dir.name == "shared") == torchrun  # under torchrun both ranks wrote into the folder given
     assert sorted(losses) == sorted(reference) and len(losses) == 10
     assert validation_losses(run_dir) == pytest.approx(validation_losses(reference_dir), rel=1e-5)
     for step, loss in reference.items():  # fp32; the ranks' gradients are summed in another order
@@ -400,7 +405,7 @@ def test_two_processes_match_one_and_resume_from_their_checkpoints(name, one_pro
         return
     middle = run_dir / "checkpoints" / "step-5.ckpt"
     resumed, _ = train_run(tmp_path / "resumed", *STRATEGIES[name], *TWO_PROCESSES, *RESUMED_AS.get(name, ()),
-                           f"resume={middle}")
+                           f"resume={middle}", torchrun=True)
     assert min(resumed) == 5  # it went on from step 5 ...
     for step in resumed:  # ... exactly as the uninterrupted run did (up to the order of sums, across layouts)
         assert resumed[step] == pytest.approx(losses[step], rel=1e-5 if name in RESUMED_AS else 1e-6), (name, step)
@@ -415,7 +420,8 @@ def test_two_process_sft_equals_one_process(name, tmp_path):
     (ddp counts the step's tokens by the same all-reduce: its run here added 20 s and no other code.)"""
     sft = ("+experiment=sft_tulu3", "+scale=tiny", "phase.init_from=null", "phase.max_steps=6")
     _, one = train_run(tmp_path / "one", *sft, "context.micro_batch_size=8", experiment="sft_tulu3")
-    _, two = train_run(tmp_path / "two", *sft, *STRATEGIES[name], *TWO_PROCESSES, experiment="sft_tulu3")
+    _, two = train_run(tmp_path / "two", *sft, *STRATEGIES[name], *TWO_PROCESSES, experiment="sft_tulu3",
+                       torchrun=True)
     expected, trained = load_model(str(one)).state_dict(), load_model(str(two)).state_dict()
     for key, tensor in expected.items():
         difference = torch.linalg.vector_norm(trained[key] - tensor) / torch.linalg.vector_norm(tensor)
@@ -435,10 +441,10 @@ def test_dpo_under_fsdp_resumes_with_its_sharded_reference(tmp_path):
     dpo = ("+experiment=dpo_tulu3", "+scale=tiny", f"phase.init_from={start}", "model.dim=64", "model.n_layers=2",
            "model.head_dim=16", "model.hidden_dim=128", "phase.max_steps=6", "phase.checkpoint_every_steps=3",
            "phase.val_every_steps=3", *STRATEGIES["fsdp"], *TWO_PROCESSES)
-    losses, run_dir = train_run(tmp_path / "full", *dpo, experiment="dpo_tulu3")
+    losses, run_dir = train_run(tmp_path / "full", *dpo, experiment="dpo_tulu3", torchrun=True)
     assert len(losses) == 6 and losses[0] == pytest.approx(0.6931, abs=1e-3)  # ln 2: policy = reference
     resumed, _ = train_run(tmp_path / "resumed", *dpo, f"resume={run_dir / 'checkpoints' / 'step-3.ckpt'}",
-                           experiment="dpo_tulu3")
+                           experiment="dpo_tulu3", torchrun=True)
     assert min(resumed) == 3
     for step in resumed:
         assert resumed[step] == pytest.approx(losses[step], rel=1e-5), step
@@ -597,8 +603,10 @@ def test_grpo_under_fsdp_and_colossalai_matches_ddp_and_resumes(eval_data_dir, t
             "phase.grpo.val_max_new_tokens=8", *TWO_PROCESSES)
     evaluate = ("eval.every_n_steps=3", f"eval.data_dir={eval_data_dir}", "eval.limit=4", "eval.max_length=64",
                 "eval.tasks=[{name: arc_easy, num_fewshot: 0, metric: acc, column: ARC-E}]", "eval.log_samples=true")
-    ddp, ddp_dir = train_run(tmp_path / "ddp", *grpo, *evaluate, *STRATEGIES["ddp"], experiment="grpo_deepscaler")
-    fsdp, fsdp_dir = train_run(tmp_path / "fsdp", *grpo, *evaluate, *STRATEGIES["fsdp"], experiment="grpo_deepscaler")
+    ddp, ddp_dir = train_run(tmp_path / "ddp", *grpo, *evaluate, *STRATEGIES["ddp"], experiment="grpo_deepscaler",
+                             torchrun=True)
+    fsdp, fsdp_dir = train_run(tmp_path / "fsdp", *grpo, *evaluate, *STRATEGIES["fsdp"], experiment="grpo_deepscaler",
+                               torchrun=True)
     assert len(ddp) == 4 and sorted(fsdp) == sorted(ddp)
     # The evaluation callback at step 3: rank 0 alone, on the weights FSDP gathered for it. Each answer
     # choice's log-likelihood (16 of them) as under ddp.
@@ -624,7 +632,7 @@ def test_grpo_under_fsdp_and_colossalai_matches_ddp_and_resumes(eval_data_dir, t
     resumable = fsdp_dir
     if colossalai_available():
         resumable = train_run(tmp_path / "colossalai", *grpo, *STRATEGIES["colossalai_ddp"],
-                              experiment="grpo_deepscaler")[1]
+                              experiment="grpo_deepscaler", torchrun=True)[1]
         for key in ("train/response_length", "train/reward", "train/kl"):
             assert train_metrics(resumable, key) == pytest.approx(train_metrics(ddp_dir, key), rel=1e-5), key
         trained = load_model(str(resumable)).state_dict()
@@ -644,7 +652,8 @@ def test_grpo_under_fsdp_and_colossalai_matches_ddp_and_resumes(eval_data_dir, t
     # where installed, else under fsdp with its sharded reference (which DPO's fsdp test resumes too).
     strategy = "colossalai_ddp" if resumable != fsdp_dir else "fsdp"
     resumed_dir = train_run(tmp_path / "resumed", *grpo, *STRATEGIES[strategy],
-                            f"resume={resumable / 'checkpoints' / 'step-2.ckpt'}", experiment="grpo_deepscaler")[1]
+                            f"resume={resumable / 'checkpoints' / 'step-2.ckpt'}", experiment="grpo_deepscaler",
+                            torchrun=True)[1]
     resumed_kl = train_metrics(resumed_dir, "train/kl")
     assert sorted(resumed_kl) == [2, 3]
     assert resumed_kl == pytest.approx({step: kl for step, kl in train_metrics(resumable, "train/kl").items()

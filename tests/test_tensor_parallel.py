@@ -322,7 +322,8 @@ def test_grpo_under_tensor_parallelism_matches_one_process(eval_data_dir, tmp_pa
             "eval.limit=2", "eval.max_length=64", "eval.log_samples=true",
             "eval.tasks=[{name: arc_easy, num_fewshot: 0, metric: acc, column: ARC-E}]")
     one, one_dir = train_run(tmp_path / "one", *grpo, experiment="grpo_deepscaler")
-    tp, tp_dir = train_run(tmp_path / "tp", *grpo, *STRATEGIES["tp"][:3], *TWO_PROCESSES, experiment="grpo_deepscaler")
+    tp, tp_dir = train_run(tmp_path / "tp", *grpo, *STRATEGIES["tp"][:3], *TWO_PROCESSES, experiment="grpo_deepscaler",
+                           torchrun=True)
     assert len(one) == 3 and sorted(tp) == sorted(one)
     assert max(train_metrics(one_dir, "train/reward_std").values()) > 0  # the update had something to learn
     assert train_metrics(tp_dir, "train/response_length") == train_metrics(one_dir, "train/response_length")
