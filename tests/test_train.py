@@ -276,14 +276,16 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_losses(tmp_path):
               "phase.keep_checkpoints=2", "phase.log_every_steps=1", "phase.val_every_steps=24",
               "phase.validate_before_training=false", "logger=csv", "progress_bar=false",
               f"paths.output_root={tmp_path}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # One thread each: the uninterrupted run trains beside the victim, on the other core.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
     def losses(name: str) -> dict[int, float]:
         (metrics,) = (tmp_path / name).glob("*/csv/metrics.csv")
         with open(metrics) as f:
             return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
-    subprocess.run([*common, "name=straight"], env=env, check=True, capture_output=True, timeout=600)
+    with open(tmp_path / "straight.log", "w") as log:  # a file, not a pipe that could fill and stall it
+        straight_run = subprocess.Popen([*common, "name=straight"], env=env, stdout=subprocess.DEVNULL, stderr=log)
     victim = subprocess.Popen([*common, "name=killed"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
 
@@ -296,6 +298,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_losses(tmp_path):
     victim.wait()
     assert not list((tmp_path / "killed").glob("*/checkpoints/last.ckpt")), "the run ended before the kill"
     subprocess.run([*common, "name=killed", "resume=auto"], env=env, check=True, capture_output=True, timeout=600)
+    assert straight_run.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
 
     straight = losses("straight")
     (finished,) = (tmp_path / "killed").glob("*/checkpoints/last.ckpt")  # the resumed run's folder
