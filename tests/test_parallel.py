@@ -629,9 +629,10 @@ def test_grpo_under_fsdp_and_colossalai_matches_ddp_and_resumes(eval_data_dir, t
         assert torch.linalg.vector_norm(trained[key] - tensor) < 1e-3 * moved, key  # and by the same update
 
     # Colossal-AI's TorchDDPPlugin: each manual backward arms the plugin's DistributedDataParallel.
-    resumable = fsdp_dir
+    resumable, resumed_under = fsdp_dir, "fsdp"
     if colossalai_available():
-        resumable = train_run(tmp_path / "colossalai", *grpo, *STRATEGIES["colossalai_ddp"],
+        resumed_under = "colossalai_ddp"
+        resumable = train_run(tmp_path / "colossalai", *grpo, *STRATEGIES[resumed_under],
                               experiment="grpo_deepscaler", torchrun=True)[1]
         for key in ("train/response_length", "train/reward", "train/kl"):
             assert train_metrics(resumable, key) == pytest.approx(train_metrics(ddp_dir, key), rel=1e-5), key
@@ -650,8 +651,7 @@ def test_grpo_under_fsdp_and_colossalai_matches_ddp_and_resumes(eval_data_dir, t
 
     # GRPO's own resume state (consumed rollout batches, the seeds by step), resumed under Colossal-AI
     # where installed, else under fsdp with its sharded reference (which DPO's fsdp test resumes too).
-    strategy = "colossalai_ddp" if resumable != fsdp_dir else "fsdp"
-    resumed_dir = train_run(tmp_path / "resumed", *grpo, *STRATEGIES[strategy],
+    resumed_dir = train_run(tmp_path / "resumed", *grpo, *STRATEGIES[resumed_under],
                             f"resume={resumable / 'checkpoints' / 'step-2.ckpt'}", experiment="grpo_deepscaler",
                             torchrun=True)[1]
     resumed_kl = train_metrics(resumed_dir, "train/kl")
