@@ -22,6 +22,7 @@ from moxin.model import Transformer
 
 STRATEGIES = ("auto", "ddp", "fsdp", "colossalai")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PIPELINE_SCHEDULES = ("1F1B", "GPipe")  # one stage per rank (the interleaved schedules need several)
 
 
 @dataclass
@@ -37,6 +38,11 @@ class FSDPConfig:
     # Tensor parallelism (Megatron-style, PyTorch's DTensor plans): each block's heads and MLP columns are
     # split over groups of this many consecutive ranks; FSDP shards over the remaining data-parallel ranks.
     tensor_parallel: int = 1
+    # Pipeline parallelism (pretraining): the blocks split into this many consecutive stages, one per group
+    # of ranks (the outermost split: stage s holds ranks s x ranks/stages ...), trained by this schedule of
+    # torch.distributed.pipelining over each optimizer step's micro-batches (moxin/pipeline.py).
+    pipeline_parallel: int = 1
+    pipeline_schedule: str = "1F1B"  # 1F1B | GPipe
 
     def replicas(self, ranks: int) -> int:
         """How many copies of the sharded model `ranks` data-parallel ranks hold (1: plain FSDP)."""
@@ -86,10 +92,32 @@ class ParallelConfig:
             raise ValueError(f"hardware.fsdp.tensor_parallel={tp!r} must be a whole number >= 1")
         if tp > 1 and self.strategy != "fsdp":
             raise ValueError(f"hardware.fsdp.tensor_parallel={tp} needs hardware.strategy=fsdp (got {self.strategy})")
+        pp = self.fsdp.pipeline_parallel
+        if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
+            raise ValueError(f"hardware.fsdp.pipeline_parallel={pp!r} must be a whole number >= 1")
+        if pp > 1 and self.strategy != "fsdp":
+            raise ValueError(f"hardware.fsdp.pipeline_parallel={pp} needs hardware.strategy=fsdp (got {self.strategy})")
+        if self.fsdp.pipeline_schedule not in PIPELINE_SCHEDULES:
+            raise ValueError(f"hardware.fsdp.pipeline_schedule={self.fsdp.pipeline_schedule!r} is not one of "
+                             f"{PIPELINE_SCHEDULES}")
 
     @property
     def tensor_parallel(self) -> int:
         return self.fsdp.tensor_parallel if self.strategy == "fsdp" else 1
+
+    @property
+    def pipeline_parallel(self) -> int:
+        return self.fsdp.pipeline_parallel if self.strategy == "fsdp" else 1
+
+    def data_parallel(self, processes: int) -> int:
+        """The replicas that take their own batches: a tensor-parallel group shares one, and so do the
+        stages of a pipeline."""
+        split = self.tensor_parallel * self.pipeline_parallel
+        if processes % split:
+            stages = f" x pipeline_parallel={self.pipeline_parallel}" if self.pipeline_parallel > 1 else ""
+            raise ValueError(f"hardware.fsdp.tensor_parallel={self.tensor_parallel}{stages} does not divide the "
+                             f"{processes} processes (devices x num_nodes)")
+        return processes // split
 
 
 def every_nth_block(value) -> int:
@@ -108,11 +136,18 @@ def every_nth_block(value) -> int:
 
 # --- the switches, applied per block ---
 
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """A model's blocks in order: the whole Transformer's (a ModuleList) or a pipeline stage's (a
+    ModuleDict keyed by their index in the whole model: moxin.pipeline.StageModel)."""
+    layers = model.layers
+    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+
+
 def wrap_training_forwards(model: Transformer, wrap, every: int = 1) -> None:
     """Each `every`-th block (0, every, 2 x every, ...) runs `wrap(its forward)` while gradients are on,
     and its plain forward otherwise (validation, generation with its changing cache shapes). The
     forward is replaced on the instance, so parameter names (and checkpoints) do not change."""
-    for block in model.layers[::every]:
+    for block in blocks(model)[::every]:
         plain = block.forward
         training = wrap(plain)
 
@@ -134,21 +169,27 @@ def compile_blocks(model: Transformer, backend: str = "inductor") -> None:
 
 
 def device_meshes(lightning_mesh, fsdp: FSDPConfig):
-    """(the mesh FSDP shards over, the tensor-parallel mesh) from Lightning's 2-D mesh (data_parallel,
-    tensor_parallel): FSDP takes all data-parallel ranks, or for HSDP (fsdp.shard_size) a 2-D mesh of
-    (replicas, shard_size) in which consecutive data-parallel ranks form a shard group. Collective:
-    every rank calls it."""
+    """(the mesh FSDP shards over, the tensor-parallel mesh, the pipeline mesh or None) from Lightning's
+    2-D mesh (data_parallel, tensor_parallel). FSDP takes all data-parallel ranks, or for HSDP
+    (fsdp.shard_size) a 2-D mesh of (replicas, shard_size) in which consecutive data-parallel ranks form
+    a shard group. Pipeline stages are the outermost split of Lightning's data-parallel ranks (stage s:
+    its s-th block of them). Collective: every rank calls it."""
     data_parallel, tensor_parallel = lightning_mesh["data_parallel"], lightning_mesh["tensor_parallel"]
-    replicas = fsdp.replicas(data_parallel.size())
-    if replicas == 1:
-        return data_parallel, tensor_parallel
+    stages = fsdp.pipeline_parallel
+    ranks = data_parallel.size() // stages
+    replicas = fsdp.replicas(ranks)
+    if replicas == 1 and stages == 1:
+        return data_parallel, tensor_parallel, None
     from torch.distributed.device_mesh import init_device_mesh
 
-    # One root for both: FSDP combines its placements with tensor parallelism's only on one mesh. Ranks
+    # One root for all: FSDP combines its placements with tensor parallelism's only on one mesh. Ranks
     # are numbered as in Lightning's mesh (a tensor-parallel group is consecutive ranks).
-    root = init_device_mesh(lightning_mesh.device_type, (replicas, fsdp.shard_size, tensor_parallel.size()),
-                            mesh_dim_names=("replicate", "shard", "tensor_parallel"))
-    return root["replicate", "shard"], root["tensor_parallel"]
+    data = (("replicate", replicas), ("shard", fsdp.shard_size)) if replicas > 1 else (("data_parallel", ranks),)
+    dims = (("pipeline_parallel", stages),) * (stages > 1) + data + (("tensor_parallel", tensor_parallel.size()),)
+    root = init_device_mesh(lightning_mesh.device_type, tuple(size for _, size in dims),
+                            mesh_dim_names=tuple(name for name, _ in dims))
+    fsdp_mesh = root["replicate", "shard"] if replicas > 1 else root["data_parallel"]
+    return fsdp_mesh, root["tensor_parallel"], root["pipeline_parallel"] if stages > 1 else None
 
 
 def shard_model(model: Transformer, mesh, fsdp: FSDPConfig) -> None:
@@ -159,15 +200,17 @@ def shard_model(model: Transformer, mesh, fsdp: FSDPConfig) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     policy = MixedPrecisionPolicy(param_dtype=DTYPES.get(fsdp.param_dtype), reduce_dtype=DTYPES.get(fsdp.reduce_dtype))
-    last = len(model.layers) - 1
-    for i, block in enumerate(model.layers):
+    layers = blocks(model)
+    last = len(layers) - 1
+    for i, block in enumerate(layers):
         # The last block is gathered again at once by the backward pass: keep it.
         block._moxin_reshard_after_forward = fsdp.reshard_after_forward and i < last
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=block._moxin_reshard_after_forward)
     # The root stays gathered after its forward: the losses use `output.weight` after `hidden_states` returns.
     model._moxin_reshard_after_forward = False
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    register_fsdp_forward_method(model, "hidden_states")
+    if hasattr(model, "hidden_states"):  # (a pipeline stage has only its forward)
+        register_fsdp_forward_method(model, "hidden_states")
 
 
 @contextmanager
@@ -264,8 +307,10 @@ def materialize(model: nn.Module, state: dict | None, device, broadcast: bool) -
     if broadcast:
         state = split_fused(state, model.config) if state and has_split_projections(model) else state
         # A copy: set_model_state_dict puts the model's shards into the dict it is given.
+        # A pipeline stage takes its own part of the whole model's weights, which rank 0 broadcasts.
         set_model_state_dict(model, dict(state or {}),
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                      strict=not hasattr(model, "stage")))
 
 
 # --- tensor parallelism ---
@@ -354,7 +399,7 @@ def apply_tensor_parallel(model: Transformer, mesh) -> None:
     plan = {fused: shared_input for fused in FUSED_PARTS}
     plan.update({f"{fused}.{name}": ColwiseParallel() for fused, names in FUSED_PARTS.items() for name in names})
     plan.update({"attention.wo": RowwiseParallel(), "feed_forward.w2": RowwiseParallel()})
-    for block in model.layers:
+    for block in blocks(model):
         attention, ffn = block.attention, block.feed_forward
         attention.wqkv = SplitProjection(attention.wqkv, FUSED_PARTS["attention.wqkv"],
                                          part_sizes(cfg, "attention.wqkv"))
@@ -365,10 +410,11 @@ def apply_tensor_parallel(model: Transformer, mesh) -> None:
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(parameters, max_norm: float, across=None) -> torch.Tensor:
     """Scale the gradients so that their global L2 norm is at most max_norm; the norm before. Unlike
     torch.nn.utils.clip_grad_norm_, it takes gradients sharded over different device meshes (tensor
-    parallelism's blocks and FSDP-only embedding, norms and head): each mesh's norms are reduced on it."""
+    parallelism's blocks and FSDP-only embedding, norms and head): each mesh's norms are reduced on it.
+    `across(norm)`: the norm over the other parts of the model (pipeline stages) from this part's."""
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in parameters if p.grad is not None]
@@ -381,6 +427,8 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
         stacked = torch.stack(group)
         norms.append(stacked.full_tensor() if key is not None else stacked)
     total = torch.linalg.vector_norm(torch.cat(norms)) if norms else torch.zeros(())
+    if across is not None:
+        total = across(total)
     scale = max_norm / (float(total) + 1e-6)  # a non-finite norm makes every gradient non-finite, as torch's does
     if not scale >= 1.0:
         for grad in grads:
@@ -423,7 +471,8 @@ def build_strategy(parallel: ParallelConfig, processes: int, gradient_clip_val: 
 
         tp = parallel.tensor_parallel  # dividing the processes: checked by moxin.train.build_trainer
         return TranslatingModelParallelStrategy(data_parallel_size=processes // tp, tensor_parallel_size=tp,
-                                                save_distributed_checkpoint=parallel.fsdp.sharded_checkpoint), \
+                                                save_distributed_checkpoint=parallel.fsdp.sharded_checkpoint,
+                                                pipeline_parallel=parallel.pipeline_parallel), \
             gradient_clip_val
     from moxin.colossalai_strategy import ColossalAIStrategy, clips_in_optimizer
 
@@ -449,6 +498,16 @@ def exportable_model(trainer, model: Transformer) -> Transformer | None:
     strategy_state = getattr(trainer.strategy, "full_model_state_dict", None)
     if strategy_state is not None:  # Colossal-AI: the booster knows where its plugin keeps the weights
         state = strategy_state()
+    elif hasattr(model, "stage"):  # a pipeline stage: each stage's weights whole, then all on rank 0
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from moxin.pipeline import gather_stages
+
+        # (Not cpu_offload: that gives the weights to global rank 0 alone, which holds only the first stage.)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        first_of_stage = dist.get_rank() % (dist.get_world_size() // model.stages) == 0
+        state = gather_stages({k: v.detach().cpu() for k, v in state.items()} if first_of_stage else None)
     elif _is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -150,14 +150,30 @@ def splits_projections(tensor_parallel: int) -> bool:
 
 class TranslatingModelParallelStrategy(ModelParallelStrategy):
     """Lightning's FSDP2 / tensor-parallel strategy, which also resumes a sharded checkpoint saved with
-    the fused projections split where this run holds them fused, or the reverse (load_translated)."""
+    the fused projections split where this run holds them fused, or the reverse (load_translated).
+    Under pipeline parallelism the stages are the outermost split of Lightning's data-parallel ranks
+    (moxin.parallel.device_meshes), and the ranks of one pipeline take the same batches."""
+
+    def __init__(self, *args, pipeline_parallel: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pipeline_parallel = pipeline_parallel
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict:
+        kwargs = super().distributed_sampler_kwargs
+        replicas = kwargs["num_replicas"] // self.pipeline_parallel
+        return {"num_replicas": replicas, "rank": kwargs["rank"] % replicas}
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
         path = Path(self.broadcast(checkpoint_path))
         module = self.lightning_module
         if path.is_dir() and (path / SHARDED_META).is_file() and (path / ".metadata").is_file():  # FSDP's folder
-            saved = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True).get("tensor_parallel", 1)
-            if splits_projections(saved) != splits_projections(module.parallel.tensor_parallel):
+            meta = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
+            saved = meta.get("tensor_parallel", 1)
+            # Pipeline stages: each stage saved its optimizer's parameter groups under the same keys (one copy
+            # is kept, naming one stage's parameters); load_translated gives them this rank's names.
+            staged = max(meta.get("pipeline_parallel", 1), self.pipeline_parallel) > 1
+            if staged or splits_projections(saved) != splits_projections(module.parallel.tensor_parallel):
                 return load_translated(path, self.model, self.optimizers, module.model_config,
                                        strict=module.strict_loading)
         return super().load_checkpoint(path, weights_only)

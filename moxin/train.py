@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -140,6 +141,13 @@ def accumulation(cfg: DictConfig, processes: int) -> int:
     return target // per_micro_step
 
 
+def micro_batches_per_step(cfg: DictConfig, parallel: ParallelConfig) -> int:
+    """The micro-batches of one optimizer step on each data-parallel replica (phase.accumulate_grad_batches,
+    or what phase.global_batch_tokens makes of them)."""
+    hw = cfg.hardware
+    return accumulation(cfg, parallel.data_parallel(world_size(hw.accelerator, hw.devices, hw.num_nodes)))
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callbacks: list,
                   max_epochs: int | None = None, parallel: ParallelConfig | None = None) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
@@ -147,14 +155,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callba
     phase, hw = cfg.phase, cfg.hardware
     parallel = parallel or parallel_config(hw)
     processes = world_size(hw.accelerator, hw.devices, hw.num_nodes)
-    if processes % parallel.tensor_parallel:
-        raise ValueError(f"hardware.fsdp.tensor_parallel={parallel.tensor_parallel} does not divide the {processes} "
-                         "processes (devices x num_nodes)")
-    data_parallel = processes // parallel.tensor_parallel  # a tensor-parallel group shares its batches
+    data_parallel = parallel.data_parallel(processes)  # tensor-parallel groups and pipelines share their batches
     if parallel.strategy == "fsdp":
         parallel.fsdp.replicas(data_parallel)  # a shard size that does not divide the ranks fails here, not later
-    accumulate = accumulation(cfg, data_parallel)
+    accumulate = micro_batches_per_step(cfg, parallel)
     strategy, gradient_clip_val = build_strategy(parallel, processes, phase.gradient_clip_val, hw.precision)
+    if parallel.pipeline_parallel > 1:  # a batch is a whole step's micro-batches; the module clips (use_pipeline)
+        accumulate, gradient_clip_val = 1, None
     callbacks = [
         *callbacks,
         ThroughputMonitor(model_cfg.flops_per_token(cfg.context.seq_len), hw.peak_tflops),
@@ -169,6 +176,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callba
                                          auto_insert_metric_name=False))
     if cfg.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
+    # The modules that optimize by hand (GRPO, pipeline parallelism) checkpoint after their optimizer step,
+    # which is the state a resume continues from; Lightning warns about that at length.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     return L.Trainer(
         accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes, strategy=strategy,
         precision=hw.precision, max_steps=phase.max_steps, max_epochs=max_epochs, accumulate_grad_batches=accumulate,
@@ -258,6 +268,10 @@ def eval_callbacks(cfg: DictConfig, tokenizer, run_dir: Path, parallel: Parallel
     # FSDP gathers the whole model on every rank for it (gathered_weights; under tensor parallelism rank
     # 0's group runs it together); Gemini's chunks cannot run on one rank.
     gemini = parallel.strategy == "colossalai" and parallel.colossalai.plugin == "gemini"
+    if every_n_steps > 0 and parallel.pipeline_parallel > 1:
+        raise ValueError("eval.every_n_steps runs the whole model on rank 0, which holds one pipeline stage under "
+                         "hardware.fsdp.pipeline_parallel; set eval.every_n_steps=0 and evaluate the saved "
+                         "checkpoints (or the run's final/ folder) with task=evaluate")
     if every_n_steps > 0 and gemini:
         raise ValueError("eval.every_n_steps runs the model on rank 0 alone, which hardware.colossalai.plugin=gemini "
                          "cannot do (no rank holds the whole model); set eval.every_n_steps=0 and evaluate the "
@@ -315,9 +329,13 @@ def train(cfg: DictConfig) -> dict:
     # Post-training runs one pass over its data (data.epochs passes of it) unless max_steps stops it sooner.
     trainer = build_trainer(cfg, run_dir, model_cfg, callbacks=callbacks, max_epochs=1 if chat else None,
                             parallel=parallel)
+    micro_batches = micro_batches_per_step(cfg, parallel)
+    if parallel.pipeline_parallel > 1:  # each batch: one step's micro-batches, which the stages' schedule splits
+        module.use_pipeline(micro_batches, cfg.phase.gradient_clip_val)
+        datamodule.micro_batch_size *= micro_batches
     if not chat and data_cfg.num_samples is None:  # the mix is sized to the run: one epoch = max_steps
-        data_cfg.num_samples = (cfg.phase.max_steps * trainer.accumulate_grad_batches
-                                * data_cfg.micro_batch_size * trainer.world_size // parallel.tensor_parallel)
+        data_cfg.num_samples = (cfg.phase.max_steps * micro_batches * data_cfg.micro_batch_size
+                                * parallel.data_parallel(trainer.world_size))
 
     needs_reference = hasattr(module, "set_reference")  # DPO: the starting weights, resumed or not
     # Under FSDP, rank 0 alone reads the starting weights (unless each rank needs them whole) and hands

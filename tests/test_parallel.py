@@ -314,6 +314,9 @@ STRATEGIES = {
     # with activation checkpointing, which wraps the tensor-parallel blocks.
     "tp": ("hardware=fsdp", "hardware.fsdp.param_dtype=null", "hardware.fsdp.tensor_parallel=2",
            "context.micro_batch_size=8", "hardware.activation_checkpointing=true"),
+    # Pipeline parallelism: 2 stages of one replica, each step's 8 rows as 2 micro-batches of 4 (1F1B).
+    "pp": ("hardware=fsdp", "hardware.fsdp.param_dtype=null", "hardware.fsdp.pipeline_parallel=2",
+           "context.micro_batch_size=4", "phase.accumulate_grad_batches=2"),
     "colossalai_ddp": ("hardware=colossalai_ddp",),
     "colossalai_hybrid": ("hardware=colossalai_hybrid", "hardware.colossalai.options.precision=fp32",
                           "hardware.colossalai.options.zero_stage=0"),
@@ -333,7 +336,7 @@ RESUMED_ELSEWHERE = ("ddp", "colossalai_ddp")
 # of starting processes), and every rank composes its config. The strategies' first runs start their
 # ranks through Lightning (but fsdp's); the other two-process runs use torchrun, which is quicker.
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")  # --standalone: a free port
-LAUNCHED_BY_TORCHRUN = ("fsdp",)
+LAUNCHED_BY_TORCHRUN = ("fsdp", "pp")
 
 
 def train_run(root: Path, *overrides: str, experiment: str = "tiny_debug",
@@ -521,7 +524,7 @@ def _gathered_generation_worker(rank: int, init_file: str) -> None:
 
     module = grpo.GRPOModule(tiny_model().config, OptimConfig(), grpo=grpo.GRPOConfig(group_size=4, max_new_tokens=3,
                                                                                      kl_beta=0.0))
-    module.tokenizer, module._meshes = load_tokenizer(), (mesh["data_parallel"], mesh["tensor_parallel"])
+    module.tokenizer, module._meshes = load_tokenizer(), (mesh["data_parallel"], mesh["tensor_parallel"], None)
     grpo.timed_rewards = lambda kind, texts, answers, verifier: ([float(i % 4 == rank) for i in range(len(texts))],
                                                                  [False] * len(texts), 0.0)
     try:

@@ -116,7 +116,7 @@ def _hsdp_groups(rank: int, tensor_parallel: int) -> dict:
     try:  # the mesh Lightning's ModelParallelStrategy gives 8 ranks: (data_parallel, tensor_parallel)
         lightning = init_device_mesh("cpu", (8 // tensor_parallel, tensor_parallel),
                                      mesh_dim_names=("data_parallel", "tensor_parallel"))
-        mesh, tp_mesh = device_meshes(lightning, FSDPConfig(shard_size=4 // tensor_parallel))
+        mesh, tp_mesh, _ = device_meshes(lightning, FSDPConfig(shard_size=4 // tensor_parallel))
         model = tiny_model()
         if tensor_parallel > 1:
             apply_tensor_parallel(model, tp_mesh)
@@ -147,6 +147,35 @@ def test_hsdp_shards_within_groups_of_consecutive_ranks():
     assert with_tp["placements"][0] == Replicate() and with_tp["placements"][2] == Shard(1)  # wo: by columns
 
 
+def _pipeline_groups(rank: int, tensor_parallel: int, shard_size: int | None) -> dict:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from moxin.parallel import FSDPConfig, device_meshes
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=8)
+    try:
+        lightning = init_device_mesh("cpu", (8 // tensor_parallel, tensor_parallel),
+                                     mesh_dim_names=("data_parallel", "tensor_parallel"))
+        fsdp = FSDPConfig(shard_size=shard_size, tensor_parallel=tensor_parallel, pipeline_parallel=2)
+        mesh, tp_mesh, pp_mesh = device_meshes(lightning, fsdp)
+        return {"fsdp": mesh.mesh.tolist(), "tp": tp_mesh.mesh.tolist(), "pp": pp_mesh.mesh.tolist(),
+                "names": mesh.mesh_dim_names}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pipeline_stages_are_the_outermost_split_of_the_ranks():
+    """Stage s holds the s-th block of consecutive ranks (Lightning's data-parallel index runs over
+    stages x replicas), and FSDP, HSDP and tensor parallelism split each stage's ranks as they would
+    split a whole run's: rank 5 of 8 is on the second stage, with rank 1 in its pipeline."""
+    with_tp = _pipeline_groups(rank=5, tensor_parallel=2, shard_size=None)
+    assert with_tp == {"fsdp": [5, 7], "tp": [4, 5], "pp": [1, 5], "names": ("data_parallel",)}
+    hsdp = _pipeline_groups(rank=5, tensor_parallel=1, shard_size=2)
+    assert hsdp["fsdp"] == [[4, 5], [6, 7]] and hsdp["names"] == ("replicate", "shard") and hsdp["pp"] == [1, 5]
+
+
 def _hsdp_with_tensor_parallel_worker(rank: int, init_file: str, save_dir: str) -> None:
     from datetime import timedelta
 
@@ -170,7 +199,7 @@ def _hsdp_with_tensor_parallel_worker(rank: int, init_file: str, save_dir: str) 
 
     def parallel_model():
         model = tiny_model()
-        mesh, tp_mesh = device_meshes(lightning, fsdp)
+        mesh, tp_mesh, _ = device_meshes(lightning, fsdp)
         apply_tensor_parallel(model, tp_mesh)
         shard_model(model, mesh, fsdp)
         return model

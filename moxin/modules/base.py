@@ -15,7 +15,16 @@ import torch
 
 from moxin.data.datamodule import data_parallel_rank
 from moxin.model import ModelConfig, Transformer
-from moxin.parallel import ParallelConfig, clip_grad_norm, device_meshes, materialize, on_meta_device, parallelize
+from moxin.parallel import (
+    DTYPES,
+    ParallelConfig,
+    clip_grad_norm,
+    device_meshes,
+    materialize,
+    on_meta_device,
+    parallelize,
+)
+from moxin.pipeline import PipelineRunner, StageModel, split_model
 
 
 @dataclass
@@ -107,7 +116,12 @@ class MoxinModule(L.LightningModule):
         # whether to broadcast them once it is sharded (not when a checkpoint will fill it).
         self.initial_state: dict[str, torch.Tensor] | None = None
         self.broadcast_initial_state = False
-        self._meshes = None  # the device meshes FSDP and tensor parallelism split over (configure_model)
+        self._meshes = None  # the device meshes FSDP, tensor and pipeline parallelism split over (configure_model)
+        # Pipeline parallelism (use_pipeline): this rank's stage runs under a PipelineRunner, which takes
+        # each optimizer step's micro-batches together; the module then optimizes by hand.
+        self.pipeline_runner = None
+        self.pipeline_microbatches = 1
+        self.max_grad_norm: float | None = None
 
     def start_weights_on_every_rank(self) -> bool:
         """Whether each rank needs the whole starting weights even under FSDP (DPO's cached reference)."""
@@ -119,7 +133,9 @@ class MoxinModule(L.LightningModule):
         fsdp = self.parallel.strategy == "fsdp"
         if fsdp and self._meshes is None:  # built once: Lightning calls this hook at every fit and validate
             self._meshes = device_meshes(self.device_mesh, self.parallel.fsdp)
-        mesh, tp_mesh = self._meshes or (None, None)
+        mesh, tp_mesh, pp_mesh = self._meshes or (None, None, None)
+        if pp_mesh is not None and not isinstance(self.model, StageModel):  # this rank's stage, still on meta
+            self.model = split_model(self.model, pp_mesh.get_local_rank(), pp_mesh.size())
         parallelize(self.model, self.parallel, mesh, tp_mesh)
         if fsdp and on_meta_device(self.model):
             if self.broadcast_initial_state and not self.trainer.strategy.broadcast(self.initial_state is not None):
@@ -129,6 +145,11 @@ class MoxinModule(L.LightningModule):
             materialize(self.model, self.initial_state, self.trainer.strategy.root_device,
                         self.broadcast_initial_state)
             self.initial_state = None
+        if pp_mesh is not None and self.pipeline_runner is None:
+            compute = DTYPES.get(self.parallel.fsdp.param_dtype) or torch.float32
+            self.pipeline_runner = PipelineRunner(self.model, pp_mesh, self.pipeline_microbatches,
+                                                  self.parallel.fsdp.pipeline_schedule,
+                                                  self.trainer.strategy.root_device, activation_dtype=compute)
         reference = getattr(self, "reference", None)
         if isinstance(reference, torch.nn.Module) and fsdp:
             parallelize(reference, ParallelConfig(strategy="fsdp", fsdp=self.parallel.fsdp), mesh, tp_mesh)
@@ -138,6 +159,46 @@ class MoxinModule(L.LightningModule):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
+
+    def use_pipeline(self, microbatches: int, max_grad_norm: float | None) -> None:
+        """Train under pipeline parallelism: each batch is one optimizer step's `microbatches` micro-batches
+        together, which the stages' schedule runs; the module steps the optimizer and clips itself."""
+        if not self.supports_pipeline:
+            raise ValueError(f"hardware.fsdp.pipeline_parallel runs the pretraining phases; {type(self).__name__} "
+                             "needs the whole model on each rank (its losses are not one token loss per "
+                             "micro-batch); use tensor_parallel or FSDP alone for it")
+        stages, schedule = self.parallel.pipeline_parallel, self.parallel.fsdp.pipeline_schedule
+        if schedule == "1F1B" and microbatches < stages:
+            raise ValueError(f"the 1F1B pipeline schedule needs at least as many micro-batches per optimizer step as "
+                             f"stages ({stages}); this run has {microbatches} (phase.accumulate_grad_batches, or "
+                             "phase.global_batch_tokens): raise it, or set hardware.fsdp.pipeline_schedule=GPipe")
+        self.automatic_optimization = False
+        self.pipeline_microbatches, self.max_grad_norm = microbatches, max_grad_norm
+
+    supports_pipeline = False  # whether the phase's loss runs as pipeline micro-batches (PretrainModule)
+
+    def pipeline_training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """One optimizer step under pipeline parallelism: the schedule's forward and backward passes over
+        the step's micro-batches, the gradient norm clipped over all stages, then the optimizer and LR
+        schedule. Returns the step's loss (every stage has it), or None for a dropped step."""
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        loss = self.pipeline_runner.train_step(batch["input_ids"], batch["labels"])
+        if self.nonfinite(loss):  # policy skip (stop raises): the step's gradients are dropped
+            self.drop_step(optimizer)
+            return None
+        if self.max_grad_norm:
+            clip_grad_norm(self.model.parameters(), self.max_grad_norm, across=self.pipeline_runner.norm_across_stages)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return loss
+
+    def drop_step(self, optimizer) -> None:
+        """Skip this optimizer step (its loss was non-finite on some rank, policy skip), and count it."""
+        optimizer.zero_grad(set_to_none=True)
+        self._skip_this_step = False
+        self.skipped_steps += 1
+        self.log("train/skipped_nonfinite", float(self.skipped_steps), on_step=True)
 
     def total_steps(self) -> int:
         return max(1, int(self.trainer.estimated_stepping_batches))
@@ -208,10 +269,7 @@ class MoxinModule(L.LightningModule):
         if optimizer_closure is not None:
             optimizer_closure()  # the last micro-batch's forward and backward: it may be the bad one
         if getattr(self, "_skip_this_step", False):  # some micro-batch of this step was non-finite
-            optimizer.zero_grad(set_to_none=True)
-            self._skip_this_step = False
-            self.skipped_steps += 1
-            self.log("train/skipped_nonfinite", float(self.skipped_steps), on_step=True)
+            self.drop_step(optimizer)
             return
         optimizer.step()  # clipping and the other before-step hooks still run (Lightning's optimizer)
 
@@ -220,6 +278,7 @@ class MoxinModule(L.LightningModule):
         checkpoint["skipped_steps"] = self.skipped_steps
         checkpoint["rng"] = rng_state()
         checkpoint["tensor_parallel"] = self.parallel.tensor_parallel  # its parameters' names depend on it
+        checkpoint["pipeline_parallel"] = self.parallel.pipeline_parallel  # (its optimizer's groups, per stage)
 
     def check_tensor_parallel(self, checkpoint: dict, sharded: bool) -> None:
         """A checkpoint's parameter names follow its run's tensor parallelism (the fused projections as

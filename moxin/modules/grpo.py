@@ -176,10 +176,7 @@ class GRPOModule(ReferencePolicy, MoxinModule):
             for rows in torch.arange(n).tensor_split(self.grpo.mini_batches):
                 loss, stats = self.policy_loss({k: v[rows] for k, v in data.items()})
                 if self.nonfinite(loss):  # policy skip: this optimizer step is dropped, and counted
-                    optimizer.zero_grad(set_to_none=True)
-                    self._skip_this_step = False
-                    self.skipped_steps += 1
-                    self.log("train/skipped_nonfinite", float(self.skipped_steps), on_step=True)
+                    self.drop_step(optimizer)
                     continue
                 self.manual_backward(loss)
                 if self.grpo.max_grad_norm:  # (tensor parallelism: one norm over both meshes)

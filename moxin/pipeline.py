@@ -1,0 +1,145 @@
+"""Pipeline parallelism for pretraining: the model's blocks split into consecutive stages, one per rank
+of a pipeline group, trained by PyTorch's `torch.distributed.pipelining` schedules (GPipe, 1F1B).
+
+- `split_model(model, stage, stages)`: this rank's `StageModel`, whose parameters keep the names they
+  have in the whole `Transformer` (`layers.18.attention.wqkv.weight`), so a stage's distributed
+  checkpoint holds the same keys as an unsplit run's: checkpoints move between pipeline sizes.
+- `PipelineRunner`: one optimizer step's micro-batches through the schedule (forward and backward),
+  validation forwards, and the gradient norm over every stage.
+- `gather_stages(state, mesh)`: the stages' weights together on global rank 0 (export).
+
+Composes with FSDP2 (each stage sharded over its data-parallel ranks) and tensor parallelism (each
+stage's blocks split over its tensor-parallel ranks): hardware.fsdp.pipeline_parallel in conf/hardware/fsdp.yaml.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moxin.losses import linear_cross_entropy
+from moxin.model import Transformer, rope_cos_sin
+from moxin.parallel import reshard
+
+
+def stage_layers(n_layers: int, stages: int, stage: int) -> range:
+    """The blocks of `stage`: consecutive, as even as they divide; a remainder goes to the first stages,
+    since the last one also runs the LM head and the loss."""
+    if stages > n_layers:
+        raise ValueError(f"hardware.fsdp.pipeline_parallel={stages} is more stages than the model's "
+                         f"{n_layers} blocks")
+    per, extra = divmod(n_layers, stages)
+    start = stage * per + min(stage, extra)
+    return range(start, start + per + (stage < extra))
+
+
+class StageModel(nn.Module):
+    """A consecutive run of the Transformer's blocks; the first stage also holds the embedding, the last
+    the final norm and the LM head. Its forward maps tokens (first stage) or hidden states (B, T, dim)
+    to hidden states: the last stage's are normalised, the LM head's input (losses.linear_cross_entropy
+    takes them with `output.weight`, as the unsplit model's training does)."""
+
+    def __init__(self, model: Transformer, stage: int, stages: int):
+        super().__init__()
+        self.config, self.stage, self.stages = model.config, stage, stages
+        self.first, self.last = stage == 0, stage == stages - 1
+        if self.first:
+            self.tok_embeddings = model.tok_embeddings
+        # Keyed by the block's index in the whole model: the parameter names stay the unsplit model's.
+        mine = stage_layers(model.config.n_layers, stages, stage)
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in mine})
+        if self.last:
+            self.norm, self.output = model.norm, model.output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(x) if self.first else x  # (B, T, dim)
+        positions = torch.arange(h.shape[1], device=h.device)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        for block in self.layers.values():
+            h = block(h, cos, sin, None)  # causal; attention applies the sliding window itself
+        return self.norm(h) if self.last else h
+
+
+def split_model(model: Transformer, stage: int, stages: int) -> StageModel:
+    if model.config.tie_embeddings:
+        raise ValueError("pipeline parallelism needs an untied LM head (model.tie_embeddings=false): the "
+                         "embedding lives on the first stage, the head on the last")
+    return StageModel(model, stage, stages)
+
+
+class PipelineRunner:
+    """Runs a StageModel as stage `mesh.get_local_rank()` of the pipeline group `mesh`. Every rank of the
+    group gets the same batch (data is split over data-parallel ranks only); the first stage reads its
+    tokens, the last its labels, and the loss is returned to every stage."""
+
+    def __init__(self, stage_model: StageModel, mesh, microbatches: int, schedule: str, device: torch.device,
+                 activation_dtype: torch.dtype = torch.float32):
+        from torch.distributed.pipelining import PipelineStage
+        from torch.distributed.pipelining.schedules import get_schedule_class
+
+        self.model, self.microbatches = stage_model, microbatches
+        self.group, self.stage, self.stages = mesh.get_group(), mesh.get_local_rank(), mesh.size()
+        # What flows between stages: the blocks' compute dtype (bf16 under FSDP's mixed precision).
+        self.device, self.activation_dtype = device, activation_dtype
+        stage = PipelineStage(stage_model, self.stage, self.stages, device, group=self.group)
+        # Each micro-batch's loss is its mean token loss / micro-batches, and the gradients are their sum
+        # (scale_grads=False): the step's gradient is the mean over micro-batches, as under accumulation.
+        self.schedule = get_schedule_class(schedule)(stage, microbatches, loss_fn=self._loss, scale_grads=False)
+
+    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(hidden, self.model.output.weight, labels) / self.microbatches
+
+    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimizer step's forward and backward passes over its micro-batches (the batch's rows split
+        in `microbatches` equal parts); the gradients are left in the stage's parameters. Returns the
+        step's loss (the mean of the micro-batches' losses) on every stage."""
+        if input_ids.shape[0] % self.microbatches:
+            raise ValueError(f"a batch of {input_ids.shape[0]} rows does not split into {self.microbatches} "
+                             "equal pipeline micro-batches")
+        losses: list[torch.Tensor] = []
+        first, last = self.stage == 0, self.stage == self.stages - 1
+        self.schedule.step(*([input_ids] if first else []), target=labels if last else None, losses=losses,
+                           return_outputs=False)
+        loss = torch.stack(losses).sum().detach().float() if last else torch.zeros((), device=self.device)
+        return self._from_last_stage(loss)
+
+    @torch.no_grad()
+    def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The batch's mean token loss, forward only (validation), on every stage: each stage receives
+        its input from the previous one and sends its output on, the batch as one micro-batch."""
+        h = input_ids
+        if self.stage > 0:
+            h = torch.empty(*input_ids.shape, self.model.config.dim, dtype=self.activation_dtype, device=self.device)
+            dist.recv(h, group=self.group, group_src=self.stage - 1)
+        out = self.model(h)
+        if self.stage < self.stages - 1:
+            dist.send(out.contiguous(), group=self.group, group_dst=self.stage + 1)
+            loss = torch.zeros((), device=self.device)
+        else:
+            loss = linear_cross_entropy(out, self.model.output.weight, labels).float()
+        reshard(self.model)  # no backward pass frees what FSDP gathered (an optimizer step would not reach it)
+        return self._from_last_stage(loss)
+
+    def _from_last_stage(self, value: torch.Tensor) -> torch.Tensor:
+        dist.broadcast(value, group=self.group, group_src=self.stages - 1)
+        return value
+
+    def norm_across_stages(self, norm: torch.Tensor) -> torch.Tensor:
+        """The gradient norm of the whole model from each stage's own."""
+        squared = norm.detach().float() ** 2
+        dist.all_reduce(squared, group=self.group)
+        return squared.sqrt()
+
+
+def gather_stages(state: dict | None, to_rank: int = 0) -> dict | None:
+    """Every stage's weights (`state`: each stage's full state dict on one of its ranks, None on the
+    others) merged on global rank `to_rank`; None on the other ranks. Collective over all ranks."""
+    parts = [None] * dist.get_world_size() if dist.get_rank() == to_rank else None
+    dist.gather_object(state, parts, dst=to_rank)
+    if parts is None:
+        return None
+    merged = {}
+    for part in parts:
+        merged.update(part or {})
+    return merged

@@ -1,0 +1,114 @@
+"""Pipeline parallelism's pieces in one process: how the blocks split into stages, that the stages
+chained compute the whole model under its parameter names, and the settings it refuses. Its runs
+on 2 processes (pipeline 2) are in tests/test_parallel.py beside the other strategies'."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from moxin.model import ModelConfig, Transformer
+from moxin.modules import PretrainModule, SFTModule
+from moxin.modules.base import OptimConfig
+from moxin.parallel import ParallelConfig
+from moxin.pipeline import split_model, stage_layers
+from moxin.tp_checkpoint import TranslatingModelParallelStrategy
+from moxin.train import eval_callbacks
+
+CONFIG = ModelConfig(vocab_size=97, dim=32, n_layers=5, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
+                     sliding_window=8, max_seq_len=64)
+
+
+def test_stages_take_consecutive_blocks_and_the_first_stages_any_extra():
+    assert [list(stage_layers(36, 4, s)) for s in range(4)] == [list(range(9 * s, 9 * s + 9)) for s in range(4)]
+    assert [list(stage_layers(5, 3, s)) for s in range(3)] == [[0, 1], [2, 3], [4]]  # the last also has the head
+    with pytest.raises(ValueError, match="pipeline_parallel=6 is more stages than the model's 5 blocks"):
+        stage_layers(5, 6, 0)
+
+
+def test_chained_stages_compute_the_whole_model_under_its_parameter_names():
+    torch.manual_seed(0)
+    model = Transformer(CONFIG)
+    stages = [split_model(model, s, 3) for s in range(3)]
+    tokens = torch.randint(0, CONFIG.vocab_size, (2, 12))  # longer than the window: windowed attention
+    hidden = tokens
+    for stage in stages:
+        hidden = stage(hidden)
+    assert torch.equal(hidden, model.hidden_states(tokens))
+    names = [set(stage.state_dict()) for stage in stages]
+    assert set.union(*names) == set(model.state_dict())  # every weight on one stage, named as in the model
+    assert sum(len(n) for n in names) == len(model.state_dict())
+    assert "tok_embeddings.weight" in names[0] and {"norm.weight", "output.weight"} <= names[2]
+    assert "layers.4.ffn_norm.weight" in names[2] and "layers.1.ffn_norm.weight" in names[0]
+
+
+def test_a_tied_head_cannot_be_split_from_its_embedding():
+    with torch.device("meta"):
+        tied = Transformer(ModelConfig(**{**CONFIG.to_dict(), "tie_embeddings": True}))
+    with pytest.raises(ValueError, match="untied LM head"):
+        split_model(tied, 0, 2)
+
+
+def test_pipeline_settings_are_checked():
+    for bad in (0, True, "2"):
+        with pytest.raises(ValueError, match=f"pipeline_parallel={bad!r} must be a whole number"):
+            ParallelConfig(strategy="fsdp", fsdp={"pipeline_parallel": bad})
+    with pytest.raises(ValueError, match="pipeline_parallel=2 needs hardware.strategy=fsdp"):
+        ParallelConfig(strategy="ddp", fsdp={"pipeline_parallel": 2})
+    with pytest.raises(ValueError, match="pipeline_schedule='Interleaved1F1B' is not one of"):
+        ParallelConfig(strategy="fsdp", fsdp={"pipeline_schedule": "Interleaved1F1B"})
+    parallel = ParallelConfig(strategy="fsdp", fsdp={"pipeline_parallel": 2, "tensor_parallel": 2})
+    assert parallel.data_parallel(8) == 2  # 8 ranks: 2 stages x 2 replicas x tp 2
+    with pytest.raises(ValueError, match="tensor_parallel=2 x pipeline_parallel=2 does not divide the 6 processes"):
+        parallel.data_parallel(6)
+
+
+def test_only_pretraining_runs_as_pipeline_micro_batches_and_1f1b_needs_enough_of_them():
+    parallel = ParallelConfig(strategy="fsdp", fsdp={"pipeline_parallel": 4})
+    with torch.device("meta"):
+        sft, pretrain = SFTModule(CONFIG, OptimConfig()), PretrainModule(CONFIG, OptimConfig())
+    sft.parallel = pretrain.parallel = parallel
+    with pytest.raises(ValueError, match="pipeline_parallel runs the pretraining phases; SFTModule"):
+        sft.use_pipeline(8, 1.0)
+    with pytest.raises(ValueError, match=r"1F1B pipeline schedule needs at least as many micro-batches.*\(4\); "
+                                         "this run has 2"):
+        pretrain.use_pipeline(2, 1.0)
+    pretrain.use_pipeline(4, 1.0)
+    assert not pretrain.automatic_optimization and pretrain.pipeline_microbatches == 4
+    pretrain.parallel = ParallelConfig(strategy="fsdp", fsdp={"pipeline_parallel": 4, "pipeline_schedule": "GPipe"})
+    pretrain.use_pipeline(2, None)  # GPipe takes any number
+
+
+def test_the_in_training_evaluation_is_refused_under_pipeline_parallelism(make_cfg, tmp_path):
+    cfg = make_cfg("eval.every_n_steps=10")
+    parallel = ParallelConfig(strategy="fsdp", fsdp={"pipeline_parallel": 2})
+    with pytest.raises(ValueError, match="holds one pipeline stage.*eval.every_n_steps=0"):
+        eval_callbacks(cfg, None, tmp_path, parallel)
+    assert eval_callbacks(make_cfg("eval.every_n_steps=0"), None, tmp_path, parallel) == []
+
+
+def test_the_stages_of_a_pipeline_take_the_same_batches():
+    """Ranks are laid out (stage, data-parallel replica, tensor-parallel rank): Lightning's data-parallel
+    index runs over stages x replicas, and a rank's replica is that index modulo the replicas."""
+    strategy = TranslatingModelParallelStrategy(data_parallel_size=4, tensor_parallel_size=2, pipeline_parallel=2)
+    seen = []
+    for rank in range(8):  # 2 stages x 2 replicas x tp 2
+        index = rank // 2
+        mesh = {"data_parallel": types.SimpleNamespace(size=lambda: 4, get_local_rank=lambda i=index: i)}
+        strategy._device_mesh = mesh
+        seen.append(strategy.distributed_sampler_kwargs)
+    assert [kwargs["rank"] for kwargs in seen] == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert {kwargs["num_replicas"] for kwargs in seen} == {2}
+
+
+def test_the_hardware_option_composes_a_pipeline(make_cfg):
+    from moxin.train import parallel_config
+
+    cfg = make_cfg("+experiment=phase1_2k", "hardware=fsdp", "hardware.fsdp.pipeline_parallel=2",
+                   "hardware.fsdp.tensor_parallel=4")
+    parallel = parallel_config(cfg.hardware)
+    assert parallel.pipeline_parallel == 2 and parallel.fsdp.pipeline_schedule == "1F1B"
+    assert instantiate(cfg.model).n_layers == 36 and parallel.data_parallel(8 * 4) == 4  # 4 nodes: the Moxin layout
