@@ -97,6 +97,9 @@ class ParallelConfig:
             raise ValueError(f"hardware.fsdp.pipeline_parallel={pp!r} must be a whole number >= 1")
         if pp > 1 and self.strategy != "fsdp":
             raise ValueError(f"hardware.fsdp.pipeline_parallel={pp} needs hardware.strategy=fsdp (got {self.strategy})")
+        if pp > 1 and not self.fsdp.sharded_checkpoint:
+            raise ValueError("hardware.fsdp.pipeline_parallel needs hardware.fsdp.sharded_checkpoint=true: a single "
+                             "checkpoint file is gathered on rank 0, which holds only the first stage")
         if self.fsdp.pipeline_schedule not in PIPELINE_SCHEDULES:
             raise ValueError(f"hardware.fsdp.pipeline_schedule={self.fsdp.pipeline_schedule!r} is not one of "
                              f"{PIPELINE_SCHEDULES}")
@@ -499,15 +502,9 @@ def exportable_model(trainer, model: Transformer) -> Transformer | None:
     if strategy_state is not None:  # Colossal-AI: the booster knows where its plugin keeps the weights
         state = strategy_state()
     elif hasattr(model, "stage"):  # a pipeline stage: each stage's weights whole, then all on rank 0
-        import torch.distributed as dist
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         from moxin.pipeline import gather_stages
 
-        # (Not cpu_offload: that gives the weights to global rank 0 alone, which holds only the first stage.)
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-        first_of_stage = dist.get_rank() % (dist.get_world_size() // model.stages) == 0
-        state = gather_stages({k: v.detach().cpu() for k, v in state.items()} if first_of_stage else None)
+        state = gather_stages(model, trainer.strategy.root_device)
     elif _is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -132,14 +132,30 @@ class PipelineRunner:
         return squared.sqrt()
 
 
-def gather_stages(state: dict | None, to_rank: int = 0) -> dict | None:
-    """Every stage's weights (`state`: each stage's full state dict on one of its ranks, None on the
-    others) merged on global rank `to_rank`; None on the other ranks. Collective over all ranks."""
-    parts = [None] * dist.get_world_size() if dist.get_rank() == to_rank else None
-    dist.gather_object(state, parts, dst=to_rank)
-    if parts is None:
-        return None
-    merged = {}
-    for part in parts:
-        merged.update(part or {})
-    return merged
+def gather_stages(stage_model: StageModel, device: torch.device) -> dict | None:
+    """The whole model's weights on global rank 0 (on the CPU), None on the other ranks; every rank calls
+    it. Each stage's first rank gathers its stage's weights whole (with the stage's other ranks, one
+    tensor at a time), then sends them to rank 0 one tensor at a time: no device holds more than one
+    gathered tensor beyond its own, and only the stages' first ranks hold their stage on the host."""
+    from torch.distributed.tensor import DTensor
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    leader = rank % (world // stage_model.stages) == 0  # the stage's first rank
+    whole = {}
+    for name, value in stage_model.state_dict().items():
+        value = value.full_tensor() if isinstance(value, DTensor) else value  # collective within the stage
+        if leader:
+            whole[name] = value.detach().to("cpu", copy=True)
+    layouts = [None] * world  # every rank learns what each stage's first rank will send
+    dist.all_gather_object(layouts, [(name, tuple(t.shape), t.dtype) for name, t in whole.items()] if leader else None)
+    for sender, layout in enumerate(layouts):
+        if sender == 0 or layout is None or rank not in (0, sender):
+            continue
+        for name, shape, dtype in layout:
+            if rank == sender:
+                dist.send(whole[name].to(device), dst=0)
+            else:
+                received = torch.empty(shape, dtype=dtype, device=device)
+                dist.recv(received, src=sender)
+                whole[name] = received.cpu()
+    return whole if rank == 0 else None

@@ -333,17 +333,18 @@ RESUMED_ELSEWHERE = ("ddp", "colossalai_ddp")
 
 
 # The multi-node path, on one node: torchrun starts the ranks (Lightning reads its environment instead
-# of starting processes), and every rank composes its config. The strategies' first runs start their
-# ranks through Lightning (but fsdp's); the other two-process runs use torchrun, which is quicker.
+# of starting processes), and every rank composes its config. The first runs of ddp, HSDP and
+# colossalai_ddp start their ranks through Lightning (its launcher, under DDP, FSDP2 and Colossal-AI);
+# the other two-process runs use torchrun, which is quicker.
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")  # --standalone: a free port
-LAUNCHED_BY_TORCHRUN = ("fsdp", "pp")
+LAUNCHED_BY_TORCHRUN = ("fsdp", "tp", "pp", "colossalai_hybrid")
 
 
-def train_run(root: Path, *overrides: str, experiment: str = "tiny_debug",
-              torchrun: bool = False) -> tuple[dict[int, float], Path]:
-    """Run run.py in its own process, or its 2 ranks under torchrun; (train/loss per step, run folder).
-    torchrun starts both ranks at once, 4 s sooner than Lightning starts rank 1 (once rank 0 is set
-    up), and the ranks share the run folder they are given."""
+def start_run(root: Path, *overrides: str, experiment: str = "tiny_debug", torchrun: bool = False):
+    """Start run.py in its own process, or its 2 ranks under torchrun; finish_run waits for it. torchrun
+    starts both ranks at once, 4 s sooner than Lightning starts rank 1 (once rank 0 is set up), and the
+    ranks share the run folder they are given. Independent runs may overlap: their imports and gloo
+    waits leave the cores idle part of the time."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not any(o.startswith("+experiment=") for o in overrides):
         overrides = (f"+experiment={experiment}", *overrides)
@@ -351,13 +352,31 @@ def train_run(root: Path, *overrides: str, experiment: str = "tiny_debug",
     if torchrun:
         launcher = TORCHRUN
         overrides = (*overrides, f"hydra.run.dir={root / experiment / 'shared'}")
-    done = subprocess.run([sys.executable, *launcher, "run.py", *COMMON, f"paths.output_root={root}", *overrides],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (run_dir,) = (root / experiment).iterdir()
+    root.mkdir(parents=True, exist_ok=True)
+    log = open(root / "stderr.log", "w")  # a file, not a pipe: a full pipe would stall the run
+    process = subprocess.Popen([sys.executable, *launcher, "run.py", *COMMON, f"paths.output_root={root}", *overrides],
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    return process, log, root / experiment
+
+
+def finish_run(started) -> tuple[dict[int, float], Path]:
+    """(train/loss per step, run folder) of a run start_run started, once it has ended well."""
+    process, log, folder = started
+    try:
+        returncode = process.wait(timeout=600)
+    finally:
+        log.close()
+    assert returncode == 0, Path(log.name).read_text()[-3000:]
+    (run_dir,) = folder.iterdir()
     with open(run_dir / "csv" / "metrics.csv") as f:
         losses = {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")}
     return losses, run_dir
+
+
+def train_run(root: Path, *overrides: str, experiment: str = "tiny_debug",
+              torchrun: bool = False) -> tuple[dict[int, float], Path]:
+    """Run run.py (see start_run) and wait for it: (train/loss per step, run folder)."""
+    return finish_run(start_run(root, *overrides, experiment=experiment, torchrun=torchrun))
 
 
 def validation_losses(run_dir: Path) -> list[float]:
@@ -367,8 +386,19 @@ def validation_losses(run_dir: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """The reference: one process with the global batch of two (2 x 4 rows)."""
-    return train_run(tmp_path_factory.mktemp("one_process"), "context.micro_batch_size=8")
+    """The reference: one process with the global batch of two (2 x 4 rows). Started at once, beside the
+    first strategy's run; calling the fixture's value waits for it: (train/loss per step, run folder)."""
+    started, finished = start_run(tmp_path_factory.mktemp("one_process"), "context.micro_batch_size=8"), []
+
+    def result() -> tuple[dict[int, float], Path]:
+        if not finished:
+            finished.append(finish_run(started))
+        return finished[0]
+
+    yield result
+    started[0].kill()  # (no test waited for it: the ones that did found it ended)
+    started[0].wait()
+    started[1].close()
 
 
 @pytest.mark.slow
@@ -376,9 +406,9 @@ def one_process(tmp_path_factory):
 def test_two_processes_match_one_and_resume_from_their_checkpoints(name, one_process, tmp_path):
     if name.startswith("colossalai") and not colossalai_available():
         pytest.skip("colossalai is not installed (make install-colossalai)")
-    reference, reference_dir = one_process
     torchrun = name in LAUNCHED_BY_TORCHRUN
     losses, run_dir = train_run(tmp_path / "full", *STRATEGIES[name], *TWO_PROCESSES, torchrun=torchrun)
+    reference, reference_dir = one_process()
     assert (run_dir.name == "shared") == torchrun  # under torchrun both ranks wrote into the folder given
     assert sorted(losses) == sorted(reference) and len(losses) == 10
     assert validation_losses(run_dir) == pytest.approx(validation_losses(reference_dir), rel=1e-5)
@@ -422,9 +452,10 @@ def test_two_process_sft_equals_one_process(name, tmp_path):
     Its rows pack several conversations (segments), which FSDP's sharded blocks must keep apart too.
     (ddp counts the step's tokens by the same all-reduce: its run here added 20 s and no other code.)"""
     sft = ("+experiment=sft_tulu3", "+scale=tiny", "phase.init_from=null", "phase.max_steps=6")
-    _, one = train_run(tmp_path / "one", *sft, "context.micro_batch_size=8", experiment="sft_tulu3")
+    one = start_run(tmp_path / "one", *sft, "context.micro_batch_size=8", experiment="sft_tulu3")
     _, two = train_run(tmp_path / "two", *sft, *STRATEGIES[name], *TWO_PROCESSES, experiment="sft_tulu3",
                        torchrun=True)
+    _, one = finish_run(one)
     expected, trained = load_model(str(one)).state_dict(), load_model(str(two)).state_dict()
     for key, tensor in expected.items():
         difference = torch.linalg.vector_norm(trained[key] - tensor) / torch.linalg.vector_norm(tensor)
@@ -606,10 +637,11 @@ def test_grpo_under_fsdp_and_colossalai_matches_ddp_and_resumes(eval_data_dir, t
             "phase.grpo.val_max_new_tokens=8", *TWO_PROCESSES)
     evaluate = ("eval.every_n_steps=3", f"eval.data_dir={eval_data_dir}", "eval.limit=4", "eval.max_length=64",
                 "eval.tasks=[{name: arc_easy, num_fewshot: 0, metric: acc, column: ARC-E}]", "eval.log_samples=true")
-    ddp, ddp_dir = train_run(tmp_path / "ddp", *grpo, *evaluate, *STRATEGIES["ddp"], experiment="grpo_deepscaler",
-                             torchrun=True)
+    ddp = start_run(tmp_path / "ddp", *grpo, *evaluate, *STRATEGIES["ddp"], experiment="grpo_deepscaler",
+                    torchrun=True)  # beside the fsdp run
     fsdp, fsdp_dir = train_run(tmp_path / "fsdp", *grpo, *evaluate, *STRATEGIES["fsdp"], experiment="grpo_deepscaler",
                                torchrun=True)
+    ddp, ddp_dir = finish_run(ddp)
     assert len(ddp) == 4 and sorted(fsdp) == sorted(ddp)
     # The evaluation callback at step 3: rank 0 alone, on the weights FSDP gathered for it. Each answer
     # choice's log-likelihood (16 of them) as under ddp.

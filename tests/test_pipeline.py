@@ -58,6 +58,8 @@ def test_pipeline_settings_are_checked():
             ParallelConfig(strategy="fsdp", fsdp={"pipeline_parallel": bad})
     with pytest.raises(ValueError, match="pipeline_parallel=2 needs hardware.strategy=fsdp"):
         ParallelConfig(strategy="ddp", fsdp={"pipeline_parallel": 2})
+    with pytest.raises(ValueError, match="needs hardware.fsdp.sharded_checkpoint=true.*only the first stage"):
+        ParallelConfig(strategy="fsdp", fsdp={"pipeline_parallel": 2, "sharded_checkpoint": False})
     with pytest.raises(ValueError, match="pipeline_schedule='Interleaved1F1B' is not one of"):
         ParallelConfig(strategy="fsdp", fsdp={"pipeline_schedule": "Interleaved1F1B"})
     parallel = ParallelConfig(strategy="fsdp", fsdp={"pipeline_parallel": 2, "tensor_parallel": 2})

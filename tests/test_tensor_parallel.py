@@ -18,7 +18,9 @@ from tests.test_parallel import (
     STRATEGIES,
     TWO_PROCESSES,
     answering_bigram,
+    finish_run,
     sample_scores,
+    start_run,
     tiny_model,
     train_metrics,
     train_run,
@@ -350,9 +352,10 @@ def test_grpo_under_tensor_parallelism_matches_one_process(eval_data_dir, tmp_pa
             "phase.grpo.val_max_new_tokens=8", "eval.every_n_steps=2", f"eval.data_dir={eval_data_dir}",
             "eval.limit=2", "eval.max_length=64", "eval.log_samples=true",
             "eval.tasks=[{name: arc_easy, num_fewshot: 0, metric: acc, column: ARC-E}]")
-    one, one_dir = train_run(tmp_path / "one", *grpo, experiment="grpo_deepscaler")
+    one = start_run(tmp_path / "one", *grpo, experiment="grpo_deepscaler")  # beside the tensor-parallel run
     tp, tp_dir = train_run(tmp_path / "tp", *grpo, *STRATEGIES["tp"][:3], *TWO_PROCESSES, experiment="grpo_deepscaler",
                            torchrun=True)
+    one, one_dir = finish_run(one)
     assert len(one) == 3 and sorted(tp) == sorted(one)
     assert max(train_metrics(one_dir, "train/reward_std").values()) > 0  # the update had something to learn
     assert train_metrics(tp_dir, "train/response_length") == train_metrics(one_dir, "train/response_length")
