@@ -139,18 +139,25 @@ def every_nth_block(value) -> int:
 
 # --- the switches, applied per block ---
 
-def blocks(model: nn.Module) -> list[nn.Module]:
-    """A model's blocks in order: the whole Transformer's (a ModuleList) or a pipeline stage's (a
-    ModuleDict keyed by their index in the whole model: moxin.pipeline.StageModel)."""
+def numbered_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """A model's blocks in order with their index in the whole model: the whole Transformer's (a
+    ModuleList) or a pipeline stage's (a ModuleDict keyed by that index: moxin.pipeline.StageModel)."""
     layers = model.layers
-    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+    if isinstance(layers, nn.ModuleDict):
+        return [(int(index), block) for index, block in layers.items()]
+    return list(enumerate(layers))
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    return [block for _, block in numbered_blocks(model)]
 
 
 def wrap_training_forwards(model: Transformer, wrap, every: int = 1) -> None:
-    """Each `every`-th block (0, every, 2 x every, ...) runs `wrap(its forward)` while gradients are on,
-    and its plain forward otherwise (validation, generation with its changing cache shapes). The
-    forward is replaced on the instance, so parameter names (and checkpoints) do not change."""
-    for block in blocks(model)[::every]:
+    """Each `every`-th block (0, every, 2 x every, ... of the whole model, whichever of them a pipeline
+    stage holds) runs `wrap(its forward)` while gradients are on, and its plain forward otherwise
+    (validation, generation with its changing cache shapes). The forward is replaced on the instance,
+    so parameter names (and checkpoints) do not change."""
+    for block in [block for index, block in numbered_blocks(model) if index % every == 0]:
         plain = block.forward
         training = wrap(plain)
 

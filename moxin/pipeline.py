@@ -53,6 +53,8 @@ class StageModel(nn.Module):
             self.norm, self.output = model.norm, model.output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"rows of {x.shape[1]} tokens exceed max_seq_len {self.config.max_seq_len}")
         h = self.tok_embeddings(x) if self.first else x  # (B, T, dim)
         positions = torch.arange(h.shape[1], device=h.device)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
@@ -74,14 +76,14 @@ class PipelineRunner:
     tokens, the last its labels, and the loss is returned to every stage."""
 
     def __init__(self, stage_model: StageModel, mesh, microbatches: int, schedule: str, device: torch.device,
-                 activation_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype | None = None):
         from torch.distributed.pipelining import PipelineStage
         from torch.distributed.pipelining.schedules import get_schedule_class
 
         self.model, self.microbatches = stage_model, microbatches
         self.group, self.stage, self.stages = mesh.get_group(), mesh.get_local_rank(), mesh.size()
-        # What flows between stages: the blocks' compute dtype (bf16 under FSDP's mixed precision).
-        self.device, self.activation_dtype = device, activation_dtype
+        # FSDP's compute dtype (bf16 under its mixed precision; None: the weights' own).
+        self.device, self.compute_dtype = device, compute_dtype
         stage = PipelineStage(stage_model, self.stage, self.stages, device, group=self.group)
         # Each micro-batch's loss is its mean token loss / micro-batches, and the gradients are their sum
         # (scale_grads=False): the step's gradient is the mean over micro-batches, as under accumulation.
@@ -101,27 +103,30 @@ class PipelineRunner:
         first, last = self.stage == 0, self.stage == self.stages - 1
         self.schedule.step(*([input_ids] if first else []), target=labels if last else None, losses=losses,
                            return_outputs=False)
-        loss = torch.stack(losses).sum().detach().float() if last else torch.zeros((), device=self.device)
-        return self._from_last_stage(loss)
+        return self._from_last_stage(torch.stack(losses).sum().detach() if last else None)
 
     @torch.no_grad()
     def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The batch's mean token loss, forward only (validation), on every stage: each stage receives
         its input from the previous one and sends its output on, the batch as one micro-batch."""
+        # What flows between stages: the blocks' compute dtype (the stored weights' under bf16-true or fp32).
+        dtype = self.compute_dtype or next(self.model.parameters()).dtype
         h = input_ids
         if self.stage > 0:
-            h = torch.empty(*input_ids.shape, self.model.config.dim, dtype=self.activation_dtype, device=self.device)
+            h = torch.empty(*input_ids.shape, self.model.config.dim, dtype=dtype, device=self.device)
             dist.recv(h, group=self.group, group_src=self.stage - 1)
         out = self.model(h)
+        loss = None
         if self.stage < self.stages - 1:
-            dist.send(out.contiguous(), group=self.group, group_dst=self.stage + 1)
-            loss = torch.zeros((), device=self.device)
+            dist.send(out.to(dtype).contiguous(), group=self.group, group_dst=self.stage + 1)
         else:
-            loss = linear_cross_entropy(out, self.model.output.weight, labels).float()
+            loss = linear_cross_entropy(out, self.model.output.weight, labels)
         reshard(self.model)  # no backward pass frees what FSDP gathered (an optimizer step would not reach it)
         return self._from_last_stage(loss)
 
-    def _from_last_stage(self, value: torch.Tensor) -> torch.Tensor:
+    def _from_last_stage(self, loss: torch.Tensor | None) -> torch.Tensor:
+        """The last stage's loss (None elsewhere) on every stage, in fp32 (whatever the default dtype)."""
+        value = loss.float() if loss is not None else torch.zeros((), dtype=torch.float32, device=self.device)
         dist.broadcast(value, group=self.group, group_src=self.stages - 1)
         return value
 

@@ -332,7 +332,7 @@ def train(cfg: DictConfig) -> dict:
     micro_batches = micro_batches_per_step(cfg, parallel)
     if parallel.pipeline_parallel > 1:  # each batch: one step's micro-batches, which the stages' schedule splits
         module.use_pipeline(micro_batches, cfg.phase.gradient_clip_val)
-        datamodule.micro_batch_size *= micro_batches
+        datamodule.train_micro_batches = micro_batches
     if not chat and data_cfg.num_samples is None:  # the mix is sized to the run: one epoch = max_steps
         data_cfg.num_samples = (cfg.phase.max_steps * micro_batches * data_cfg.micro_batch_size
                                 * parallel.data_parallel(trainer.world_size))
@@ -363,7 +363,7 @@ def train(cfg: DictConfig) -> dict:
         check_checkpoint_kind(checkpoint, parallel)
         # Before the weights load (no hook of Lightning's comes earlier).
         sharded = is_sharded_checkpoint(checkpoint)
-        module.check_tensor_parallel(read_checkpoint_state(checkpoint, sharded), sharded)
+        module.check_checkpoint_layout(read_checkpoint_state(checkpoint, sharded), sharded)
     trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
     final = dict(trainer.callback_metrics)
     if cfg.phase.limit_val_batches and trainer.global_step % cfg.phase.val_every_steps:

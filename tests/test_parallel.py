@@ -314,9 +314,10 @@ STRATEGIES = {
     # with activation checkpointing, which wraps the tensor-parallel blocks.
     "tp": ("hardware=fsdp", "hardware.fsdp.param_dtype=null", "hardware.fsdp.tensor_parallel=2",
            "context.micro_batch_size=8", "hardware.activation_checkpointing=true"),
-    # Pipeline parallelism: 2 stages of one replica, each step's 8 rows as 2 micro-batches of 4 (1F1B).
+    # Pipeline parallelism: 2 stages of one replica, each step's 8 rows as 2 micro-batches of 4 (1F1B);
+    # validation batches are single micro-batches: 4 of them hold the reference's 2 x 8 rows.
     "pp": ("hardware=fsdp", "hardware.fsdp.param_dtype=null", "hardware.fsdp.pipeline_parallel=2",
-           "context.micro_batch_size=4", "phase.accumulate_grad_batches=2"),
+           "context.micro_batch_size=4", "phase.accumulate_grad_batches=2", "phase.limit_val_batches=4"),
     "colossalai_ddp": ("hardware=colossalai_ddp",),
     "colossalai_hybrid": ("hardware=colossalai_hybrid", "hardware.colossalai.options.precision=fp32",
                           "hardware.colossalai.options.zero_stage=0"),
@@ -324,8 +325,13 @@ STRATEGIES = {
 
 
 # The tensor-parallel run resumes without tensor parallelism (2 data-parallel ranks of 4 rows): its
-# checkpoint's split projections load into the fused ones (moxin/tp_checkpoint.py).
-RESUMED_AS = {"tp": ("hardware.fsdp.tensor_parallel=1", "context.micro_batch_size=4")}
+# checkpoint's split projections load into the fused ones (moxin/tp_checkpoint.py). The fsdp run
+# resumes under pipeline parallelism, and the pipeline run without it, accumulating 2 micro-batches of
+# 2 rows on each of 2 ranks: the stages load their parts of a whole model's folder and the reverse, and
+# the step count and the data position move between the modes' counters (match_loop_progress).
+RESUMED_AS = {"tp": ("hardware.fsdp.tensor_parallel=1", "context.micro_batch_size=4"),
+              "fsdp": ("hardware.fsdp.pipeline_parallel=2", "phase.accumulate_grad_batches=2"),
+              "pp": ("hardware.fsdp.pipeline_parallel=1", "context.micro_batch_size=2")}
 # Their resumes add no code path (each run is ~12 s of the suite's budget): ddp's checkpoint is the
 # single file of one process, and fsdp's resume restores the data position of 2 ranks;
 # colossalai_ddp's booster checkpoints are resumed by GRPO's test below.
@@ -416,13 +422,7 @@ def test_two_processes_match_one_and_resume_from_their_checkpoints(name, one_pro
         assert losses[step] == pytest.approx(loss, rel=1e-5), (name, step)
     # Tokens trained: counted once per data-parallel replica (a tensor-parallel group shares its batch).
     assert train_metrics(run_dir, "train/tokens") == train_metrics(reference_dir, "train/tokens")
-    # The exported weights, gathered from the shards where the strategy shards them.
-    final, expected = load_file(run_dir / "final" / "model.safetensors"), load_file(
-        reference_dir / "final" / "model.safetensors")
-    assert final.keys() == expected.keys()
-    for key in expected:  # Adam may flip the sign of an update where a gradient is ~0: compare whole tensors
-        difference = torch.linalg.vector_norm(final[key] - expected[key]) / torch.linalg.vector_norm(expected[key])
-        assert difference < 1e-4, (name, key, float(difference))
+    assert_same_exports(run_dir, reference_dir)  # gathered from the shards where the strategy shards them
 
     if name in ("fsdp", "hsdp"):  # each weight in 2 shards, or (HSDP, shard groups of 1) whole on each replica
         from moxin.safe_dcp import SafeMetadataReader
@@ -437,11 +437,23 @@ def test_two_processes_match_one_and_resume_from_their_checkpoints(name, one_pro
     if name in RESUMED_ELSEWHERE:
         return
     middle = run_dir / "checkpoints" / "step-5.ckpt"
-    resumed, _ = train_run(tmp_path / "resumed", *STRATEGIES[name], *TWO_PROCESSES, *RESUMED_AS.get(name, ()),
-                           f"resume={middle}", torchrun=True)
-    assert min(resumed) == 5  # it went on from step 5 ...
+    resumed, resumed_dir = train_run(tmp_path / "resumed", *STRATEGIES[name], *TWO_PROCESSES,
+                                     *RESUMED_AS.get(name, ()), f"resume={middle}", torchrun=True)
+    assert sorted(resumed) == list(range(5, 10))  # it went on from step 5 to the end ...
+    if name == "pp":  # (accumulating, the resumed run logs a micro-batch's loss: its weights tell instead)
+        assert_same_exports(resumed_dir, run_dir)
+        return
     for step in resumed:  # ... exactly as the uninterrupted run did (up to the order of sums, across layouts)
         assert resumed[step] == pytest.approx(losses[step], rel=1e-5 if name in RESUMED_AS else 1e-6), (name, step)
+
+
+def assert_same_exports(run_dir: Path, expected_dir: Path) -> None:
+    """Two runs' final/ weights agree (relative to each tensor's norm, within 1e-4)."""
+    final, expected = (load_file(folder / "final" / "model.safetensors") for folder in (run_dir, expected_dir))
+    assert final.keys() == expected.keys()
+    for key in expected:  # Adam may flip the sign of an update where a gradient is ~0: compare whole tensors
+        difference = torch.linalg.vector_norm(final[key] - expected[key]) / torch.linalg.vector_norm(expected[key])
+        assert difference < 1e-4, (run_dir, key, float(difference))
 
 
 @pytest.mark.slow

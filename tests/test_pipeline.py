@@ -4,6 +4,7 @@ on 2 processes (pipeline 2) are in tests/test_parallel.py beside the other strat
 
 from __future__ import annotations
 
+import copy
 import types
 
 import pytest
@@ -114,3 +115,80 @@ def test_the_hardware_option_composes_a_pipeline(make_cfg):
     parallel = parallel_config(cfg.hardware)
     assert parallel.pipeline_parallel == 2 and parallel.fsdp.pipeline_schedule == "1F1B"
     assert instantiate(cfg.model).n_layers == 36 and parallel.data_parallel(8 * 4) == 4  # 4 nodes: the Moxin layout
+
+
+def test_every_nth_block_is_counted_in_the_whole_model_on_each_stage():
+    from moxin.parallel import wrap_training_forwards
+
+    with torch.device("meta"):
+        model = Transformer(CONFIG)
+    wrapped = []
+    for stage in (split_model(model, s, 2) for s in range(2)):  # blocks 0-2, then 3-4
+        wrap_training_forwards(stage, lambda forward: forward, every=2)
+        wrapped += [int(i) for i, block in stage.layers.items() if "forward" in vars(block)]
+    assert wrapped == [0, 2, 4]
+
+
+def _progress(ready: int) -> dict:
+    return {"total": {"ready": ready, "completed": ready}, "current": {"ready": ready, "completed": ready}}
+
+
+def _fit_loop(steps: int, batches: int, manual: bool) -> dict:
+    """The fit loop's counters as Lightning saves them at a checkpoint after `steps` optimizer steps of
+    `batches` loader batches (the last batch not yet marked completed)."""
+    counts = {"ready": batches, "completed": batches - 1, "started": batches, "processed": batches}
+    automatic = _progress(0 if manual else steps)
+    return {"loops": {"fit_loop": {
+        "epoch_loop.batch_progress": {"total": dict(counts), "current": dict(counts), "is_last_batch": False},
+        "epoch_loop.automatic_optimization.optim_progress": {"optimizer": {
+            "step": automatic, "zero_grad": {part: {**c, "started": c["ready"]} for part, c in automatic.items()}}},
+        "epoch_loop.manual_optimization.optim_step_progress": _progress(steps if manual else 0)}}}
+
+
+def test_a_resume_across_the_pipeline_keeps_the_step_count_and_the_data_position():
+    """A pipeline run steps by hand, one loader batch per step; a run without it may accumulate several
+    batches per step through Lightning's automatic optimization. Resuming one's checkpoint in the other,
+    the step count moves to the counter Lightning reads and the epoch's batches are counted anew."""
+    from moxin.modules.base import match_loop_progress
+
+    checkpoint = {**_fit_loop(steps=5, batches=10, manual=False), "loader_batches_per_step": 2}
+    match_loop_progress(checkpoint, manual=True, batches_per_step=1)  # into a pipeline run
+    loop = checkpoint["loops"]["fit_loop"]
+    assert loop["epoch_loop.manual_optimization.optim_step_progress"]["total"]["completed"] == 5
+    assert loop["epoch_loop.batch_progress"]["current"] == {"ready": 5, "completed": 4, "started": 5, "processed": 5}
+
+    checkpoint = {**_fit_loop(steps=5, batches=5, manual=True), "loader_batches_per_step": 1}
+    match_loop_progress(checkpoint, manual=False, batches_per_step=2)  # out of one, accumulating 2
+    loop = checkpoint["loops"]["fit_loop"]
+    optimizer = loop["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]
+    assert optimizer["step"]["total"]["completed"] == 5 and optimizer["zero_grad"]["total"]["started"] == 5
+    assert loop["epoch_loop.batch_progress"]["total"] == {"ready": 10, "completed": 9, "started": 10, "processed": 10}
+
+    unchanged = {**_fit_loop(steps=5, batches=5, manual=True), "loader_batches_per_step": 1}
+    expected = copy.deepcopy(unchanged)
+    match_loop_progress(unchanged, manual=True, batches_per_step=1)
+    assert unchanged == expected
+
+
+def test_a_dropped_step_under_manual_optimization_still_counts_as_a_step():
+    """Policy skip: the step's gradients are dropped, but the optimizer and the LR schedule step (with no
+    gradients: nothing moves), as Lightning counts a skipped step under automatic optimization."""
+    module = PretrainModule(CONFIG, OptimConfig())
+    module.log = lambda *args, **kwargs: None
+    parameter = next(module.parameters())
+    before = parameter.detach().clone()
+    parameter.grad = torch.ones_like(parameter)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    module.drop_step(optimizer, scheduler)
+    assert scheduler.last_epoch == 1 and optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert torch.equal(parameter, before) and parameter.grad is None and module.skipped_steps == 1
+
+
+def test_a_single_file_checkpoint_cannot_resume_under_the_pipeline():
+    with torch.device("meta"):
+        module = PretrainModule(CONFIG, OptimConfig())
+    module.parallel = ParallelConfig(strategy="fsdp", fsdp={"pipeline_parallel": 2})
+    with pytest.raises(ValueError, match="single-file checkpoint cannot resume under.*pipeline_parallel"):
+        module.check_checkpoint_layout({}, sharded=False)
+    module.check_checkpoint_layout({}, sharded=True)

@@ -63,11 +63,11 @@ def test_tensor_parallel_settings_are_checked(make_cfg, tmp_path):
 
     module = PretrainModule(tiny_model().config, OptimConfig())
     module.parallel = ParallelConfig(strategy="fsdp", fsdp={"tensor_parallel": 2})
-    module.check_tensor_parallel({"tensor_parallel": 4}, sharded=False)  # parts in both
-    module.check_tensor_parallel({}, sharded=True)
+    module.check_checkpoint_layout({"tensor_parallel": 4}, sharded=False)  # parts in both
+    module.check_checkpoint_layout({}, sharded=True)
     with pytest.raises(ValueError, match="single-file checkpoint was trained with hardware.fsdp.tensor_parallel=1; "
                                          "this run has 2"):
-        module.check_tensor_parallel({}, sharded=False)  # a checkpoint from before tensor parallelism, or without it
+        module.check_checkpoint_layout({}, sharded=False)  # a checkpoint from before tensor parallelism, or without it
 
     class Mesh:
         def size(self):

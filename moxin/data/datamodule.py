@@ -121,6 +121,9 @@ class ResumableDataModule(L.LightningDataModule):
         self.summary: dict[str, Any] = {}
         self.resume_samples = 0  # training samples consumed before the checkpoint we resume from
         self._train_sampler: ResumeSampler | None = None
+        # Micro-batches per training batch: pipeline parallelism takes an optimizer step's at once (its
+        # schedule splits them again); validation batches stay single micro-batches.
+        self.train_micro_batches = 1
 
     def world_size(self) -> int:
         return data_parallel_rank(self.trainer)[1]
@@ -133,11 +136,12 @@ class ResumableDataModule(L.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
         rank, world = data_parallel_rank(self.trainer)
         self._train_sampler = ResumeSampler(len(dataset), self._resume_start(), rank, world)
-        return self._loader(dataset, drop_last=True, sampler=self._train_sampler)
+        return self._loader(dataset, drop_last=True, sampler=self._train_sampler,
+                            batch_size=self.micro_batch_size * self.train_micro_batches)
 
     def _resume_start(self) -> int:
         """Where the first pass begins: after the samples consumed, within the current pass."""
-        per_step = self.micro_batch_size * self.world_size()
+        per_step = self.micro_batch_size * self.train_micro_batches * self.world_size()
         per_epoch = len(self.train_dataset) // per_step * per_step
         return self.resume_samples % per_epoch if per_epoch else 0
 
@@ -150,7 +154,7 @@ class ResumableDataModule(L.LightningDataModule):
         batches = getattr(trainer.lightning_module, "consumed_batches", None)
         if batches is None:
             batches = trainer.global_step * trainer.accumulate_grad_batches
-        return {"consumed_samples": batches * self.micro_batch_size * self.world_size(),
+        return {"consumed_samples": batches * self.micro_batch_size * self.train_micro_batches * self.world_size(),
                 "replicas": self.world_size()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -176,12 +180,13 @@ class ResumableDataModule(L.LightningDataModule):
         sampler = DistributedSampler(self.val_dataset, num_replicas=world, rank=rank, shuffle=False)
         return self._loader(self.val_dataset, drop_last=False, sampler=sampler)
 
-    def _loader(self, dataset, drop_last: bool, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(self, dataset, drop_last: bool, sampler: Sampler | None = None,
+                batch_size: int | None = None) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
         return DataLoader(
             dataset,
-            batch_size=self.micro_batch_size,
+            batch_size=batch_size or self.micro_batch_size,
             sampler=sampler,
             shuffle=False,
             drop_last=drop_last,

@@ -5,6 +5,7 @@ A phase module subclasses `MoxinModule` and adds only its step (and its own stat
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -146,10 +147,10 @@ class MoxinModule(L.LightningModule):
                         self.broadcast_initial_state)
             self.initial_state = None
         if pp_mesh is not None and self.pipeline_runner is None:
-            compute = DTYPES.get(self.parallel.fsdp.param_dtype) or torch.float32
+            fsdp_options = self.parallel.fsdp
             self.pipeline_runner = PipelineRunner(self.model, pp_mesh, self.pipeline_microbatches,
-                                                  self.parallel.fsdp.pipeline_schedule,
-                                                  self.trainer.strategy.root_device, activation_dtype=compute)
+                                                  fsdp_options.pipeline_schedule, self.trainer.strategy.root_device,
+                                                  compute_dtype=DTYPES.get(fsdp_options.param_dtype))
         reference = getattr(self, "reference", None)
         if isinstance(reference, torch.nn.Module) and fsdp:
             parallelize(reference, ParallelConfig(strategy="fsdp", fsdp=self.parallel.fsdp), mesh, tp_mesh)
@@ -184,7 +185,7 @@ class MoxinModule(L.LightningModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         loss = self.pipeline_runner.train_step(batch["input_ids"], batch["labels"])
         if self.nonfinite(loss):  # policy skip (stop raises): the step's gradients are dropped
-            self.drop_step(optimizer)
+            self.drop_step(optimizer, scheduler)
             return None
         if self.max_grad_norm:
             clip_grad_norm(self.model.parameters(), self.max_grad_norm, across=self.pipeline_runner.norm_across_stages)
@@ -193,9 +194,16 @@ class MoxinModule(L.LightningModule):
         scheduler.step()
         return loss
 
-    def drop_step(self, optimizer) -> None:
-        """Skip this optimizer step (its loss was non-finite on some rank, policy skip), and count it."""
+    def drop_step(self, optimizer, scheduler=None) -> None:
+        """Skip this optimizer step (its loss was non-finite on some rank, policy skip), and count it. A
+        module that optimizes by hand passes its scheduler: the step then still counts as one, as
+        Lightning's automatic optimization counts it (the optimizer steps with no gradients, which leaves
+        every parameter and its AdamW state as it is), so max_steps, the LR schedule and the data
+        position stay those of the run without the bad step."""
         optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            optimizer.step()
+            scheduler.step()
         self._skip_this_step = False
         self.skipped_steps += 1
         self.log("train/skipped_nonfinite", float(self.skipped_steps), on_step=True)
@@ -279,12 +287,19 @@ class MoxinModule(L.LightningModule):
         checkpoint["rng"] = rng_state()
         checkpoint["tensor_parallel"] = self.parallel.tensor_parallel  # its parameters' names depend on it
         checkpoint["pipeline_parallel"] = self.parallel.pipeline_parallel  # (its optimizer's groups, per stage)
+        checkpoint["loader_batches_per_step"] = self.trainer.accumulate_grad_batches  # (1 under the pipeline)
 
-    def check_tensor_parallel(self, checkpoint: dict, sharded: bool) -> None:
+    def check_checkpoint_layout(self, checkpoint: dict, sharded: bool) -> None:
         """A checkpoint's parameter names follow its run's tensor parallelism (the fused projections as
         parts when > 1: moxin.parallel.SplitProjection). A sharded folder is translated as it loads
-        (moxin.tp_checkpoint); a single file must have this run's layout."""
+        (moxin.tp_checkpoint); a single file must have this run's layout, and cannot resume under
+        pipeline parallelism, whose stages each load their part of a sharded folder."""
         from moxin.tp_checkpoint import splits_projections
+
+        if not sharded and self.parallel.pipeline_parallel > 1:
+            raise ValueError("a single-file checkpoint cannot resume under hardware.fsdp.pipeline_parallel (each "
+                             "stage loads its part of a sharded folder); resume it without pipeline parallelism, "
+                             "or start from its weights with phase.init_from")
 
         saved = checkpoint.get("tensor_parallel", 1)
         if not sharded and splits_projections(saved) != splits_projections(self.parallel.tensor_parallel):
@@ -294,6 +309,8 @@ class MoxinModule(L.LightningModule):
                              "size); or load its weights with phase.init_from, which translates them")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        match_loop_progress(checkpoint, manual=not self.automatic_optimization,
+                            batches_per_step=self.trainer.accumulate_grad_batches)
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
         # Restored at the first training batch, not now: Lightning draws from the global generators
@@ -304,6 +321,38 @@ class MoxinModule(L.LightningModule):
         if getattr(self, "_rng_to_restore", None) is not None:
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
+
+
+def match_loop_progress(checkpoint: dict, manual: bool, batches_per_step: int) -> None:
+    """Translate the fit loop's counters of a checkpoint written in the other optimization mode (the
+    pipeline's modules step by hand, the others through Lightning's automatic optimization), or with
+    another number of loader batches per optimizer step (a pipeline batch holds a whole step), into this
+    run's. Lightning reads the step count from the mode's own counter and ends the epoch after the
+    batches it has not yet counted: untranslated, a resumed run would start again from step 0 and
+    replay or skip data. Lightning restores the loops after this hook, from this dictionary."""
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not loop:
+        return
+    automatic_key = "epoch_loop.automatic_optimization.optim_progress"
+    manual_key = "epoch_loop.manual_optimization.optim_step_progress"
+    steps = loop[manual_key]["total"]["completed"] if manual_key in loop else 0
+    saved_manual = steps > 0 or not loop.get(automatic_key, {}).get("optimizer", {}).get("step", {}).get(
+        "total", {}).get("completed", 0)
+    if manual != saved_manual:  # the step counters: {total, current} x {ready, completed}, alike in both modes
+        if manual:
+            loop[manual_key] = copy.deepcopy(loop[automatic_key]["optimizer"]["step"])
+        else:
+            step = copy.deepcopy(loop[manual_key])
+            loop[automatic_key]["optimizer"]["step"] = step
+            loop[automatic_key]["optimizer"]["zero_grad"] = {
+                part: {**counts, "started": counts["ready"]} for part, counts in copy.deepcopy(step).items()}
+    saved_batches = checkpoint.get("loader_batches_per_step", 1)
+    if saved_batches != batches_per_step:  # the epoch's batches seen so far, in this run's batches
+        for part in ("total", "current"):
+            counts = loop["epoch_loop.batch_progress"][part]
+            ready = counts["ready"] * batches_per_step // saved_batches
+            loop["epoch_loop.batch_progress"][part] = {name: ready - (counts["ready"] - value)
+                                                      for name, value in counts.items()}
 
 
 def rng_state() -> dict:

@@ -176,7 +176,7 @@ class GRPOModule(ReferencePolicy, MoxinModule):
             for rows in torch.arange(n).tensor_split(self.grpo.mini_batches):
                 loss, stats = self.policy_loss({k: v[rows] for k, v in data.items()})
                 if self.nonfinite(loss):  # policy skip: this optimizer step is dropped, and counted
-                    self.drop_step(optimizer)
+                    self.drop_step(optimizer, scheduler)
                     continue
                 self.manual_backward(loss)
                 if self.grpo.max_grad_norm:  # (tensor parallelism: one norm over both meshes)
