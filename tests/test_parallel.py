@@ -843,6 +843,8 @@ GPU_STRATEGIES = {
     "colossalai_zero2": ("hardware=colossalai_zero2",),
     "colossalai_gemini": ("hardware=colossalai_gemini",),
     "fsdp_bf16": ("hardware=fsdp", "hardware.compile=true"),
+    # Pipeline stages over NCCL (2 GPUs): send/recv of bf16 activations, 1F1B with 2 micro-batches.
+    "fsdp_pipeline_bf16": ("hardware=fsdp", "hardware.fsdp.pipeline_parallel=2", "phase.accumulate_grad_batches=2"),
 }
 
 
@@ -852,6 +854,8 @@ GPU_STRATEGIES = {
 def test_gpu_strategies_train_save_and_resume(name, tmp_path):
     if name.startswith("colossalai") and not colossalai_available():
         pytest.skip("colossalai is not installed (make install-colossalai)")
+    if "pipeline" in name and torch.cuda.device_count() < 2:
+        pytest.skip("pipeline parallelism needs 2 GPUs, one per stage")
     gpus = ("hardware.accelerator=gpu", f"hardware.devices={min(2, torch.cuda.device_count())}")
     losses, run_dir = train_run(tmp_path / "full", *GPU_STRATEGIES[name], *gpus)
     assert len(losses) == 10 and losses[9] < losses[0]  # bf16: it learns; exact equality is for fp32 on the CPU

@@ -192,3 +192,38 @@ def test_a_single_file_checkpoint_cannot_resume_under_the_pipeline():
     with pytest.raises(ValueError, match="single-file checkpoint cannot resume under.*pipeline_parallel"):
         module.check_checkpoint_layout({}, sharded=False)
     module.check_checkpoint_layout({}, sharded=True)
+
+
+class _Runner:
+    """A pipeline of one stage, in place of PipelineRunner: each step's loss and gradients as given."""
+
+    def __init__(self, losses):
+        self.losses = iter(losses)
+
+    def train_step(self, input_ids, labels):
+        return torch.tensor(next(self.losses))
+
+    def norm_across_stages(self, norm):
+        return norm * 2  # as if another stage held as large a gradient again (sqrt 4 = 2)
+
+
+def test_a_pipeline_step_clips_over_the_stages_steps_and_skips_a_non_finite_one():
+    module = PretrainModule(CONFIG, OptimConfig(), nonfinite_loss="skip")
+    module._trainer = types.SimpleNamespace(world_size=1)  # nonfinite: one process decides alone
+    module.log = lambda *args, **kwargs: None
+    module.pipeline_runner, module.max_grad_norm = _Runner([2.5, float("nan")]), 1.0
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    module.optimizers, module.lr_schedulers = (lambda: optimizer), (lambda: scheduler)
+    parameter = module.model.output.weight
+    gradient = torch.full_like(parameter, 1.0 / parameter.numel() ** 0.5)  # norm 1: 2 over both stages
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)
+    parameter.grad = gradient.clone()
+    before = parameter.detach().clone()
+    assert module.pipeline_training_step({"input_ids": None, "labels": None}) == pytest.approx(2.5)
+    assert torch.allclose(before - parameter.detach(), gradient / 2, atol=1e-6)  # clipped to norm 1 overall
+    assert scheduler.last_epoch == 1 and parameter.grad is None
+    parameter.grad = gradient.clone()
+    assert module.pipeline_training_step({"input_ids": None, "labels": None}) is None  # NaN: dropped ...
+    assert scheduler.last_epoch == 2 and module.skipped_steps == 1  # ... but counted as a step

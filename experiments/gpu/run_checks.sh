@@ -5,8 +5,9 @@
 #      from the gathered weights (GRPO's rollouts), against a plain bf16-autocast model;
 #   2. experiments/benchmarks/mfu.py: tokens/s and MFU of moxin_7b-shaped blocks, eager and compiled
 #      (target: >= 45% MFU);
-#   3. tests/test_parallel.py -k gpu_strategies (Colossal-AI ZeRO-2 and Gemini, bf16 FSDP through run.py), only
-#      where the project's dependencies are installed (`make install install-colossalai`).
+#   3. tests/test_parallel.py -k gpu_strategies (Colossal-AI ZeRO-2 and Gemini, bf16 FSDP through run.py, and
+#      on 2 GPUs its pipeline stages), only where the project's dependencies are installed
+#      (`make install install-colossalai`).
 # Logs and the JSON lines go to $OUT (default outputs/gpu_checks). Exits non-zero if a check failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
