@@ -6,7 +6,7 @@ of a pipeline group, trained by PyTorch's `torch.distributed.pipelining` schedul
   checkpoint holds the same keys as an unsplit run's: checkpoints move between pipeline sizes.
 - `PipelineRunner`: one optimizer step's micro-batches through the schedule (forward and backward),
   validation forwards, and the gradient norm over every stage.
-- `gather_stages(state, mesh)`: the stages' weights together on global rank 0 (export).
+- `gather_stages(stage_model, device)`: the stages' weights together on global rank 0 (export).
 
 Composes with FSDP2 (each stage sharded over its data-parallel ranks) and tensor parallelism (each
 stage's blocks split over its tensor-parallel ranks): hardware.fsdp.pipeline_parallel in conf/hardware/fsdp.yaml.

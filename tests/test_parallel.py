@@ -712,10 +712,16 @@ def test_resuming_on_another_number_of_ranks_warns(capsys):
 
     data = ResumableDataModule(micro_batch_size=2)
     data.train_dataset = list(range(10))
-    data.load_state_dict({"consumed_samples": 4, "replicas": 2})
+    data.load_state_dict({"consumed_samples": 4, "replicas": 2})  # a checkpoint that records its ranks only
     first = next(iter(data.train_dataloader()))
     assert first.tolist() == [4, 5]  # one rank now: it goes on after the 4 samples consumed
     assert "resuming on 1 data-parallel ranks a run checkpointed on 2" in capsys.readouterr().out
+    # With as many samples per step (2 ranks of 1, or one of 2, or a pipeline's step) the steps hold the
+    # same items: no warning. Other step sizes group them otherwise.
+    data.load_state_dict({"consumed_samples": 4, "replicas": 2, "samples_per_step": 2})
+    assert "WARNING" not in capsys.readouterr().out
+    data.load_state_dict({"consumed_samples": 4, "replicas": 1, "samples_per_step": 4})
+    assert "resuming with 2 samples per optimizer step a run checkpointed with 4" in capsys.readouterr().out
 
 
 @needs_colossalai

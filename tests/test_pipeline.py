@@ -129,20 +129,26 @@ def test_every_nth_block_is_counted_in_the_whole_model_on_each_stage():
     assert wrapped == [0, 2, 4]
 
 
-def _progress(ready: int) -> dict:
-    return {"total": {"ready": ready, "completed": ready}, "current": {"ready": ready, "completed": ready}}
+def _fit_loop(steps: int, batches: int, manual: bool, stale_steps: int = 0) -> dict:
+    """The fit loop's counters as Lightning saves them (its own state_dict, filled in) at a checkpoint
+    after `steps` optimizer steps of `batches` loader batches (the last batch not yet marked completed);
+    the other mode's step counter holds `stale_steps` (a run resumed across the modes before)."""
+    import lightning as L
 
-
-def _fit_loop(steps: int, batches: int, manual: bool) -> dict:
-    """The fit loop's counters as Lightning saves them at a checkpoint after `steps` optimizer steps of
-    `batches` loader batches (the last batch not yet marked completed)."""
+    loop = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False).fit_loop.state_dict()
     counts = {"ready": batches, "completed": batches - 1, "started": batches, "processed": batches}
-    automatic = _progress(0 if manual else steps)
-    return {"loops": {"fit_loop": {
-        "epoch_loop.batch_progress": {"total": dict(counts), "current": dict(counts), "is_last_batch": False},
-        "epoch_loop.automatic_optimization.optim_progress": {"optimizer": {
-            "step": automatic, "zero_grad": {part: {**c, "started": c["ready"]} for part, c in automatic.items()}}},
-        "epoch_loop.manual_optimization.optim_step_progress": _progress(steps if manual else 0)}}}
+    loop["epoch_loop.batch_progress"].update(total=dict(counts), current=dict(counts))
+    automatic = loop["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]
+    manual_step = loop["epoch_loop.manual_optimization.optim_step_progress"]
+    for progress, n in ((manual_step, steps if manual else stale_steps),
+                        (automatic["step"], stale_steps if manual else steps)):
+        for part in ("total", "current"):
+            progress[part].update(ready=n, completed=n)
+    for part in ("total", "current"):
+        n = automatic["step"][part]["completed"]
+        automatic["zero_grad"][part].update(ready=n, started=n, completed=n)
+    return {"loops": {"fit_loop": loop}}
 
 
 def test_a_resume_across_the_pipeline_keeps_the_step_count_and_the_data_position():
@@ -164,10 +170,18 @@ def test_a_resume_across_the_pipeline_keeps_the_step_count_and_the_data_position
     assert optimizer["step"]["total"]["completed"] == 5 and optimizer["zero_grad"]["total"]["started"] == 5
     assert loop["epoch_loop.batch_progress"]["total"] == {"ready": 10, "completed": 9, "started": 10, "processed": 10}
 
-    unchanged = {**_fit_loop(steps=5, batches=5, manual=True), "loader_batches_per_step": 1}
-    expected = copy.deepcopy(unchanged)
-    match_loop_progress(unchanged, manual=True, batches_per_step=1)
-    assert unchanged == expected
+    # Back into the pipeline after 6 steps without it: the manual counter still says 2, from before.
+    checkpoint = {**_fit_loop(steps=6, batches=12, manual=False, stale_steps=2), "loader_batches_per_step": 2}
+    match_loop_progress(checkpoint, manual=True, batches_per_step=1)
+    assert checkpoint["loops"]["fit_loop"]["epoch_loop.manual_optimization.optim_step_progress"]["total"] == {
+        "ready": 6, "completed": 6}
+
+    same_layout = {**_fit_loop(steps=5, batches=5, manual=True), "loader_batches_per_step": 1}
+    older = _fit_loop(steps=5, batches=10, manual=False)  # from before batches per step were recorded
+    for checkpoint, manual, batches_per_step in ((same_layout, True, 1), (older, False, 2)):
+        expected = copy.deepcopy(checkpoint)
+        match_loop_progress(checkpoint, manual=manual, batches_per_step=batches_per_step)
+        assert checkpoint == expected  # nothing to translate
 
 
 def test_a_dropped_step_under_manual_optimization_still_counts_as_a_step():

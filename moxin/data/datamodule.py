@@ -155,16 +155,30 @@ class ResumableDataModule(L.LightningDataModule):
         if batches is None:
             batches = trainer.global_step * trainer.accumulate_grad_batches
         return {"consumed_samples": batches * self.micro_batch_size * self.train_micro_batches * self.world_size(),
-                "replicas": self.world_size()}
+                "replicas": self.world_size(), "samples_per_step": self.samples_per_step()}
+
+    def samples_per_step(self) -> int:
+        """The training samples of one optimizer step on all replicas (GRPO: of one rollout batch)."""
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        return self.micro_batch_size * self.train_micro_batches * accumulate * self.world_size()
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.resume_samples = int(state.get("consumed_samples", 0))
+        # Ranks take every world-th item of the order, so the steps of a run with as many samples per step
+        # hold the same items whatever the ranks, accumulation or pipeline (older checkpoints: the ranks).
+        saved_step, step = state.get("samples_per_step"), self.samples_per_step()
         replicas, world = state.get("replicas"), self.world_size()  # the checkpoint's run's ranks, ours
-        if replicas not in (None, world):
+        message = None
+        if saved_step is not None and saved_step != step:
+            message = (f"resuming with {step} samples per optimizer step a run checkpointed with {saved_step}: the "
+                       f"data continues after the {self.resume_samples} samples consumed, but its steps group them "
+                       "otherwise, so the rest of the run is not the one an uninterrupted run would see")
+        elif saved_step is None and replicas not in (None, world):
             message = (f"resuming on {world} data-parallel ranks a run checkpointed on {replicas}: the "
                        f"data continues after the {self.resume_samples} samples consumed, but the epoch's remaining "
                        "batches are counted per rank, so the rest of the run is not the one an uninterrupted run "
                        "would see")
+        if message:
             logging.getLogger(__name__).warning(message)
             print(f"WARNING: {message}")
         if self._train_sampler is not None:

@@ -328,25 +328,27 @@ def match_loop_progress(checkpoint: dict, manual: bool, batches_per_step: int) -
     pipeline's modules step by hand, the others through Lightning's automatic optimization), or with
     another number of loader batches per optimizer step (a pipeline batch holds a whole step), into this
     run's. Lightning reads the step count from the mode's own counter and ends the epoch after the
-    batches it has not yet counted: untranslated, a resumed run would start again from step 0 and
-    replay or skip data. Lightning restores the loops after this hook, from this dictionary."""
+    batches it has not yet counted: untranslated, a resumed run would start again from an older step
+    and replay or skip data. Lightning restores the loops after this hook, from this dictionary."""
     loop = checkpoint.get("loops", {}).get("fit_loop")
     if not loop:
         return
     automatic_key = "epoch_loop.automatic_optimization.optim_progress"
     manual_key = "epoch_loop.manual_optimization.optim_step_progress"
-    steps = loop[manual_key]["total"]["completed"] if manual_key in loop else 0
-    saved_manual = steps > 0 or not loop.get(automatic_key, {}).get("optimizer", {}).get("step", {}).get(
+    # The loop saves both modes' counters, and a run advances only its own: the one with more steps is
+    # the live one (a run resumed across the modes twice carries the other's stale count).
+    manual_steps = loop.get(manual_key, {}).get("total", {}).get("completed", 0)
+    automatic_steps = loop.get(automatic_key, {}).get("optimizer", {}).get("step", {}).get(
         "total", {}).get("completed", 0)
-    if manual != saved_manual:  # the step counters: {total, current} x {ready, completed}, alike in both modes
-        if manual:
-            loop[manual_key] = copy.deepcopy(loop[automatic_key]["optimizer"]["step"])
-        else:
-            step = copy.deepcopy(loop[manual_key])
-            loop[automatic_key]["optimizer"]["step"] = step
-            loop[automatic_key]["optimizer"]["zero_grad"] = {
-                part: {**counts, "started": counts["ready"]} for part, counts in copy.deepcopy(step).items()}
-    saved_batches = checkpoint.get("loader_batches_per_step", 1)
+    if manual and automatic_steps > manual_steps:  # counters: {total, current} x {ready, completed}, alike
+        loop[manual_key] = copy.deepcopy(loop[automatic_key]["optimizer"]["step"])
+    elif not manual and manual_steps > automatic_steps:
+        step = copy.deepcopy(loop[manual_key])
+        loop[automatic_key]["optimizer"]["step"] = step
+        loop[automatic_key]["optimizer"]["zero_grad"] = {
+            part: {**counts, "started": counts["ready"]} for part, counts in copy.deepcopy(step).items()}
+    # (A checkpoint from before this was recorded: counted in this run's batches, as it always was.)
+    saved_batches = checkpoint.get("loader_batches_per_step", batches_per_step)
     if saved_batches != batches_per_step:  # the epoch's batches seen so far, in this run's batches
         for part in ("total", "current"):
             counts = loop["epoch_loop.batch_progress"][part]
