@@ -309,8 +309,9 @@ class MoxinModule(L.LightningModule):
                              "size); or load its weights with phase.init_from, which translates them")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        match_loop_progress(checkpoint, manual=not self.automatic_optimization,
-                            batches_per_step=self.trainer.accumulate_grad_batches)
+        if self._trainer is not None:  # (a checkpoint read outside a fit has no loops to restore)
+            match_loop_progress(checkpoint, manual=not self.automatic_optimization,
+                                batches_per_step=self._trainer.accumulate_grad_batches)
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
         # Restored at the first training batch, not now: Lightning draws from the global generators
