@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,3 +242,24 @@ def test_a_pipeline_step_clips_over_the_stages_steps_and_skips_a_non_finite_one(
     parameter.grad = gradient.clone()
     assert module.pipeline_training_step({"input_ids": None, "labels": None}) is None  # NaN: dropped ...
     assert scheduler.last_epoch == 2 and module.skipped_steps == 1  # ... but counted as a step
+
+
+def test_the_pipeline_layout_check_gives_every_layout_the_one_process_batches(make_cfg):
+    """experiments/launch/pipeline_layouts.py (4 processes, by hand) compares each layout with one
+    process: each must take its 16 rows per step and validate on its 2 x 16 rows."""
+    import importlib.util
+
+    from moxin.train import micro_batches_per_step, parallel_config
+
+    script = Path(__file__).resolve().parent.parent / "experiments" / "launch" / "pipeline_layouts.py"
+    spec = importlib.util.spec_from_file_location("layouts", script)
+    layouts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layouts)
+    reference = make_cfg(*layouts.COMMON, "context.micro_batch_size=16")
+    for name, overrides in layouts.LAYOUTS.items():
+        cfg = make_cfg(*layouts.COMMON, *layouts.PIPELINE, *overrides)
+        parallel = parallel_config(cfg.hardware)
+        replicas, micro = parallel.data_parallel(cfg.hardware.devices), cfg.context.micro_batch_size
+        assert replicas * micro * micro_batches_per_step(cfg, parallel) == 16, name
+        assert replicas * micro * cfg.phase.limit_val_batches == reference.context.micro_batch_size * (
+            reference.phase.limit_val_batches), name
