@@ -9,6 +9,7 @@ def main(cfg: DictConfig) -> float | dict:
     from moxin.train import run  # imported here so `--help` and config errors stay fast
 
     metrics = run(cfg)
+    _leave_process_group()
     # What a sweeper that optimises (hydra/sweeper=moxin_optuna) minimises: the final `objective`
     # metric; plain runs and Hydra's basic sweeper ignore the return value.
     objective = cfg.get("objective")
@@ -18,6 +19,17 @@ def main(cfg: DictConfig) -> float | dict:
         raise ValueError(f"objective={objective!r} is not among this run's final metrics "
                          f"({sorted(k for k in metrics if '/' in k)}); set objective=<one of them>")
     return metrics
+
+
+def _leave_process_group() -> None:
+    """The ranks of a distributed run leave together, once rank 0 has written the run's outputs: a rank
+    that exited while rank 0 still worked could abort in gloo's teardown ("terminate called without an
+    active exception"), and its launcher then stopped rank 0 before it had written them."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _optimising_sweep() -> bool:
