@@ -100,7 +100,7 @@ class PipelineRunner:
             raise ValueError(f"a batch of {input_ids.shape[0]} rows does not split into {self.microbatches} "
                              "equal pipeline micro-batches")
         losses: list[torch.Tensor] = []
-        first, last = self.stage == 0, self.stage == self.stages - 1
+        first, last = self.model.first, self.model.last
         self.schedule.step(*([input_ids] if first else []), target=labels if last else None, losses=losses,
                            return_outputs=False)
         return self._from_last_stage(torch.stack(losses).sum().detach() if last else None)
@@ -112,12 +112,12 @@ class PipelineRunner:
         # What flows between stages: the blocks' compute dtype (the stored weights' under bf16-true or fp32).
         dtype = self.compute_dtype or next(self.model.parameters()).dtype
         h = input_ids
-        if self.stage > 0:
+        if not self.model.first:
             h = torch.empty(*input_ids.shape, self.model.config.dim, dtype=dtype, device=self.device)
             dist.recv(h, group=self.group, group_src=self.stage - 1)
         out = self.model(h)
         loss = None
-        if self.stage < self.stages - 1:
+        if not self.model.last:
             dist.send(out.to(dtype).contiguous(), group=self.group, group_dst=self.stage + 1)
         else:
             loss = linear_cross_entropy(out, self.model.output.weight, labels)

@@ -48,6 +48,9 @@ if logging.getLogger().hasHandlers():
     # lightning/__init__ adds its own console handler; under Hydra (whose root handlers also write
     # the run's log file) that prints every message twice.
     logging.getLogger("lightning").handlers.clear()
+# The modules that optimize by hand (GRPO, pipeline parallelism) checkpoint after their optimizer step,
+# which is the state a resume continues from; Lightning warns about that at length.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -158,7 +161,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callba
     data_parallel = parallel.data_parallel(processes)  # tensor-parallel groups and pipelines share their batches
     if parallel.strategy == "fsdp":
         parallel.fsdp.replicas(data_parallel)  # a shard size that does not divide the ranks fails here, not later
-    accumulate = micro_batches_per_step(cfg, parallel)
+    accumulate = accumulation(cfg, data_parallel)
     strategy, gradient_clip_val = build_strategy(parallel, processes, phase.gradient_clip_val, hw.precision)
     if parallel.pipeline_parallel > 1:  # a batch is a whole step's micro-batches; the module clips (use_pipeline)
         accumulate, gradient_clip_val = 1, None
@@ -176,9 +179,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, callba
                                          auto_insert_metric_name=False))
     if cfg.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
-    # The modules that optimize by hand (GRPO, pipeline parallelism) checkpoint after their optimizer step,
-    # which is the state a resume continues from; Lightning warns about that at length.
-    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     return L.Trainer(
         accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes, strategy=strategy,
         precision=hw.precision, max_steps=phase.max_steps, max_epochs=max_epochs, accumulate_grad_batches=accumulate,

@@ -141,7 +141,7 @@ class ResumableDataModule(L.LightningDataModule):
 
     def _resume_start(self) -> int:
         """Where the first pass begins: after the samples consumed, within the current pass."""
-        per_step = self.micro_batch_size * self.train_micro_batches * self.world_size()
+        per_step = self._samples_per_batch()
         per_epoch = len(self.train_dataset) // per_step * per_step
         return self.resume_samples % per_epoch if per_epoch else 0
 
@@ -154,13 +154,17 @@ class ResumableDataModule(L.LightningDataModule):
         batches = getattr(trainer.lightning_module, "consumed_batches", None)
         if batches is None:
             batches = trainer.global_step * trainer.accumulate_grad_batches
-        return {"consumed_samples": batches * self.micro_batch_size * self.train_micro_batches * self.world_size(),
-                "replicas": self.world_size(), "samples_per_step": self.samples_per_step()}
+        return {"consumed_samples": batches * self._samples_per_batch(), "replicas": self.world_size(),
+                "samples_per_step": self.samples_per_step()}
+
+    def _samples_per_batch(self) -> int:
+        """The training samples of one loader batch on all replicas."""
+        return self.micro_batch_size * self.train_micro_batches * self.world_size()
 
     def samples_per_step(self) -> int:
         """The training samples of one optimizer step on all replicas (GRPO: of one rollout batch)."""
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
-        return self.micro_batch_size * self.train_micro_batches * accumulate * self.world_size()
+        return self._samples_per_batch() * accumulate
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.resume_samples = int(state.get("consumed_samples", 0))
