@@ -15,7 +15,7 @@ Without a GPU it runs a small model on the CPU, for correctness only (the compil
 agree, the figures are computed): its MFU says nothing about a GPU's.
 
     python experiments/benchmarks/mfu.py [--layers auto] [--batch 2] [--seq 4096] [--steps 10]
-        [--activation-checkpointing] [--peak-tflops 989]
+        [--activation-checkpointing] [--peak-tflops 989] [--profile top_kernels.txt]
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def training_step(model: Transformer, optimizer, tokens: torch.Tensor, dtype) ->
 
 def measure(cfg: ModelConfig, args, device, dtype, compiled: bool) -> dict:
     torch.manual_seed(0)
-    model = Transformer(cfg).to(device)
+    with device:  # built where it trains: initialising billions of weights on the CPU takes minutes
+        model = Transformer(cfg)
     if args.activation_checkpointing:
         checkpoint_activations(model)
     if compiled:
@@ -92,6 +93,8 @@ def measure(cfg: ModelConfig, args, device, dtype, compiled: bool) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak_memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    if getattr(args, "profile", None) and compiled:
+        write_profile(args.profile, model, optimizer, batches[:2], dtype)
     del model, optimizer, batches
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -99,12 +102,29 @@ def measure(cfg: ModelConfig, args, device, dtype, compiled: bool) -> dict:
             "peak_bytes": peak_memory, "peak_memory_gib": round(peak_memory / 2**30, 1) if peak_memory else None}
 
 
+def write_profile(path: str, model, optimizer, batches, dtype) -> None:
+    """The kernels that took the device's time over two more steps, most first: where an MFU short of
+    its target goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as profiler:
+        for tokens in batches:
+            training_step(model, optimizer, tokens, dtype)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(profiler.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=90))
+
+
 def measure_both(cfg: ModelConfig, args, device, dtype) -> tuple[ModelConfig, dict, dict]:
     """Eager and compiled on the same blocks; on running out of memory, two blocks fewer for both."""
     while True:
         try:
-            return cfg, measure(cfg, args, device, dtype, compiled=False), measure(cfg, args, device, dtype,
-                                                                                  compiled=True)
+            eager = measure(cfg, args, device, dtype, compiled=False)
+            print(f"eager, {cfg.n_layers} blocks: {eager['tokens_per_s']:.1f} tokens/s", flush=True)
+            return cfg, eager, measure(cfg, args, device, dtype, compiled=True)
         except torch.OutOfMemoryError:
             if cfg.n_layers <= 2:
                 raise
@@ -122,6 +142,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak")
+    parser.add_argument("--profile", default=None, help="write the compiled steps' top kernels to this file")
     args = parser.parse_args()
 
     on_gpu = torch.cuda.is_available()
@@ -131,6 +152,7 @@ def main() -> None:
         peak = peak_tflops(name, args.peak_tflops)
         free, _ = torch.cuda.mem_get_info()
         layers = layers_that_fit(args, device, dtype, free) if args.layers == "auto" else int(args.layers)
+        print(f"{name}: {layers} of {MOXIN_7B.n_layers} blocks fit in {free / 2**30:.0f} GiB", flush=True)
         cfg = ModelConfig(n_layers=layers)
     else:  # correctness only: a small model of the same family, fp32
         device, dtype, name, peak = torch.device("cpu"), torch.float32, "cpu", args.peak_tflops or 0.45

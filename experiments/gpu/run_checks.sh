@@ -1,33 +1,49 @@
 #!/usr/bin/env bash
 # The GPU checks of the scale-out work, as one command for a machine with an NVIDIA GPU and PyTorch
-# (nothing else needed for the first two): about 8 minutes on an H100/H200.
-#   1. experiments/gpu/fsdp_check.py: bf16 FSDP2 + activation checkpointing + inductor, and generation
+# (nothing else needed for the first two), most valuable first, within CHECKS_SECONDS (default 560):
+#   1. experiments/benchmarks/mfu.py: tokens/s and MFU of moxin_7b-shaped blocks, eager and compiled
+#      (target: >= 45% MFU), with the compiled steps' top kernels in mfu_profile.txt;
+#   2. experiments/gpu/fsdp_check.py: bf16 FSDP2 + activation checkpointing + inductor, and generation
 #      from the gathered weights (GRPO's rollouts), against a plain bf16-autocast model;
-#   2. experiments/benchmarks/mfu.py: tokens/s and MFU of moxin_7b-shaped blocks, eager and compiled
-#      (target: >= 45% MFU);
-#   3. tests/test_parallel.py -k gpu_strategies (Colossal-AI ZeRO-2 and Gemini, bf16 FSDP through run.py, and
-#      on 2 GPUs its pipeline stages), only where the project's dependencies are installed
-#      (`make install install-colossalai`).
-# Logs and the JSON lines go to $OUT (default outputs/gpu_checks). Exits non-zero if a check failed.
+#   3. tests/test_parallel.py -k gpu_strategies, one strategy at a time (bf16 FSDP through run.py,
+#      Colossal-AI ZeRO-2 and Gemini, and on 2 GPUs the pipeline stages), where the project's
+#      dependencies are importable (`make install install-colossalai`, or carried wheels on PYTHONPATH).
+# Each step gets what is left of the time, up to its own cap; logs and the JSON lines go to $OUT
+# (default outputs/gpu_checks). Exits non-zero if a check failed or ran out of time.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-outputs/gpu_checks}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
+deadline=${CHECKS_SECONDS:-560}
 status=0
+
+seconds_for() {  # the step's cap, or what is left of the whole time if that is less
+    local left=$((deadline - SECONDS))
+    echo $((left < $1 ? (left > 1 ? left : 1) : $1))
+}
 
 nvidia-smi -L 2>&1 | tee "$out/device.txt"
 "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/device.txt"
 
-timeout 180 "$python" experiments/gpu/fsdp_check.py 2>&1 | tee "$out/fsdp_check.log" || status=1
-timeout 420 "$python" experiments/benchmarks/mfu.py 2>&1 | tee "$out/mfu.log" || status=1
-grep '^{' "$out/fsdp_check.log" "$out/mfu.log" --no-filename > "$out/results.jsonl"
+timeout "$(seconds_for 300)" "$python" experiments/benchmarks/mfu.py --profile "$out/mfu_profile.txt" 2>&1 \
+    | tee "$out/mfu.log" || status=1
+timeout "$(seconds_for 150)" "$python" experiments/gpu/fsdp_check.py 2>&1 | tee "$out/fsdp_check.log" || status=1
+grep '^{' "$out/mfu.log" "$out/fsdp_check.log" --no-filename > "$out/results.jsonl"
 
-if "$python" -c "import hydra, lightning, datasets, mistral_common, lm_eval, colossalai" 2>/dev/null; then
-    timeout 600 "$python" -m pytest -q -rs tests/test_parallel.py -k gpu_strategies 2>&1 | tee "$out/pytest_gpu.log" || status=1
+: > "$out/pytest_gpu.log"
+if "$python" -c "import hydra, lightning, mistral_common, lm_eval, colossalai" 2>/dev/null; then
+    # tests/conftest.py's fixtures need `datasets`; the GPU strategies' test uses none of them.
+    conftest=$("$python" -c "import datasets" 2>/dev/null || echo --noconftest)
+    for name in fsdp_bf16 colossalai_zero2 colossalai_gemini fsdp_pipeline_bf16; do
+        # SIGINT: pytest still prints where it was and its summary.
+        timeout -s INT -k 10 "$(seconds_for 200)" "$python" -m pytest -q -rs -p no:cacheprovider $conftest \
+            tests/test_parallel.py -k "gpu_strategies and $name" 2>&1 | tee -a "$out/pytest_gpu.log" || status=1
+    done
 else
     echo "tests/test_parallel.py -k gpu_strategies not run: the project's dependencies (make install install-colossalai) are missing" \
         | tee "$out/pytest_gpu.log"
 fi
+echo "checks took ${SECONDS}s of ${deadline}s; exit status ${status}"
 exit $status
