@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.core.optimizer import do_nothing_closure
+from lightning.pytorch.core.optimizer import LightningOptimizer, do_nothing_closure
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.ddp import _DDPForwardRedirection
@@ -138,6 +138,15 @@ class ColossalAIPrecision(Precision):
         optimizer.clip_grad_by_norm(clip_val)  # the booster's optimizer wrapper knows its parameters
 
 
+class _WrapperOfBoostedOptimizer(LightningOptimizer):
+    """Lightning's optimizer wrapper, whose class derives from the wrapped optimizer's. ZeRO's optimizer
+    removes its gradient hooks in __del__, so a discarded wrapper ran that on the live optimizer's hooks:
+    from then on no gradient reached its partitions and every step left the weights as they were."""
+
+    def __del__(self) -> None:
+        pass  # the wrapped optimizer cleans up after itself, when it is deleted
+
+
 class _BoostedDDPForwardRedirection(_DDPForwardRedirection):
     """Lightning's handling of manual optimization under DDP (no gradient synchronisation armed by the
     forward that runs training_step; each manual backward arms its own), for the DistributedDataParallel
@@ -167,6 +176,15 @@ class ColossalAIStrategy(DDPStrategy):
         self.plugin_options = dict(plugin_options or {})
         self.booster = None
         self._boosted = None  # the boosted module: Lightning re-connects the plain one at every fit/validate
+
+    @property
+    def optimizers(self) -> list:
+        return self._optimizers
+
+    @optimizers.setter
+    def optimizers(self, optimizers: list) -> None:
+        self._optimizers = optimizers
+        self._lightning_optimizers = [_WrapperOfBoostedOptimizer._to_lightning_optimizer(o, self) for o in optimizers]
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:

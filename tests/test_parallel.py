@@ -112,6 +112,66 @@ def test_a_colossalai_folder_resumes_under_the_plugin_that_wrote_it(tmp_path):
         ColossalAIStrategy(plugin="gemini").load_checkpoint(folder)
 
 
+@needs_colossalai
+def test_a_discarded_lightning_wrapper_leaves_the_boosted_optimizer_alone():
+    """Lightning's optimizer wrapper derives its class from the wrapped optimizer's. ZeRO's optimizer
+    removes its gradient hooks in __del__: a wrapper discarded when the strategy's optimizers were set
+    again ran that on the live optimizer, and ZeRO-2 under run.py then trained nothing (seen on a GPU)."""
+    import gc
+
+    from moxin.colossalai_strategy import ColossalAIStrategy
+
+    cleaned_up = []
+
+    class HookedOptimizer(torch.optim.SGD):  # as LowLevelZeroOptimizer: its own clean-up in __del__
+        def __del__(self):
+            cleaned_up.append(id(self))
+
+    optimizer = HookedOptimizer([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    strategy = ColossalAIStrategy(plugin="torch_ddp")
+    strategy.optimizers = [optimizer]
+    first_wrapper = strategy._lightning_optimizers[0]
+    assert isinstance(first_wrapper, HookedOptimizer) and first_wrapper.optimizer is optimizer
+    strategy.optimizers = [optimizer]  # as setup does once the booster has wrapped it
+    del first_wrapper
+    gc.collect()
+    assert cleaned_up == [] and strategy.optimizers == [optimizer]
+    del strategy, optimizer
+    gc.collect()
+    assert len(cleaned_up) == 1  # the optimizer itself still cleans up
+
+
+def test_the_lm_head_runs_as_a_module_under_gemini():
+    """Gemini gathers a parameter's chunk and reduces its gradient only when a module call or a torch
+    function sees it; the chunked loss's autograd.Function is neither (on a GPU: "Parameter
+    model.output.weight failed at the gradient reduction"). Under Gemini the head module runs instead,
+    to the same loss and gradients."""
+    from moxin import losses
+    from moxin.modules.base import OptimConfig
+    from moxin.modules.pretrain import PretrainModule
+
+    config = ModelConfig(vocab_size=97, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
+                         sliding_window=8, max_seq_len=64)
+    hidden = torch.randn(2, 6, 32)
+    labels = torch.randint(0, 97, (2, 6))
+    labels[0, :2] = losses.IGNORE_INDEX
+    results = {}
+    for plugin in ("torch_ddp", "gemini"):
+        torch.manual_seed(0)
+        module = PretrainModule(config, OptimConfig())
+        module.parallel = ParallelConfig(strategy="colossalai", colossalai={"plugin": plugin})
+        calls = []
+        module.model.output.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        for reduction in ("mean", "sum"):
+            loss = module.head_loss(hidden, labels, reduction=reduction)
+            loss.backward()
+            results[plugin, reduction] = (loss.detach(), module.model.output.weight.grad.clone())
+            module.model.output.weight.grad = None
+        assert len(calls) == (2 if plugin == "gemini" else 0)
+    for reduction in ("mean", "sum"):
+        torch.testing.assert_close(results["gemini", reduction], results["torch_ddp", reduction])
+
+
 def test_world_size_counts_devices_times_nodes():
     assert world_size("gpu", 8, 4) == 32
     assert world_size("cpu", "auto", 1) == 1

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from moxin.data.datamodule import data_parallel_rank
+from moxin.losses import causal_lm_loss, linear_cross_entropy
 from moxin.model import ModelConfig, Transformer
 from moxin.parallel import (
     DTYPES,
@@ -216,7 +217,7 @@ class MoxinModule(L.LightningModule):
         if fused is None:
             fused = next(self.model.parameters()).device.type in ("cuda", "cpu")
         groups = parameter_groups(self.model, self.optim.weight_decay)
-        if self.parallel.strategy == "colossalai" and self.parallel.colossalai.plugin == "gemini":
+        if self.under_gemini:
             from moxin.colossalai_strategy import gemini_optimizer
 
             o = self.optim
@@ -244,6 +245,19 @@ class MoxinModule(L.LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
                             gradient_clip_algorithm=gradient_clip_algorithm)
+
+    @property
+    def under_gemini(self) -> bool:
+        return self.parallel.strategy == "colossalai" and self.parallel.colossalai.plugin == "gemini"
+
+    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of the LM head over final hidden states (labels aligned with them). Chunked, the
+        logits never held whole (linear_cross_entropy), except under Gemini: its chunks are gathered and
+        its gradients reduced only for parameters that torch functions or module calls see, and the
+        chunked loss's autograd.Function is neither; there the head module runs on the whole batch."""
+        if self.under_gemini:
+            return causal_lm_loss(self.model.output(hidden), labels, reduction=reduction)
+        return linear_cross_entropy(hidden, self.model.output.weight, labels, reduction=reduction)
 
     def log_lr(self) -> None:
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=True)

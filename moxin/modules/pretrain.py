@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from moxin.losses import linear_cross_entropy
 from moxin.modules.base import MoxinModule
 
 
@@ -14,7 +13,7 @@ class PretrainModule(MoxinModule):
     def lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # From the final hidden states: the (B, T, vocab) logits are never held in memory.
         hidden = self.model.hidden_states(batch["input_ids"])  # (B, T, dim)
-        return linear_cross_entropy(hidden, self.model.output.weight, batch["labels"])
+        return self.head_loss(hidden, batch["labels"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         self.log_lr()  # (the pipeline's step moves the schedule on)

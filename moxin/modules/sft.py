@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from moxin.losses import IGNORE_INDEX, linear_cross_entropy
+from moxin.losses import IGNORE_INDEX
 from moxin.modules.base import MoxinModule
 
 
@@ -25,8 +25,7 @@ class SFTModule(MoxinModule):
         hidden = self.model.hidden_states(batch["input_ids"], segments=segments)
         # The LM head only where a reply is trained: prompts and padding never reach it.
         trained = batch["labels"] != IGNORE_INDEX
-        total = linear_cross_entropy(hidden[trained], self.model.output.weight, batch["labels"][trained],
-                                     reduction="sum")
+        total = self.head_loss(hidden[trained], batch["labels"][trained], reduction="sum")
         return total, trained.sum()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
