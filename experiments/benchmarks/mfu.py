@@ -69,7 +69,7 @@ def training_step(model: Transformer, optimizer, tokens: torch.Tensor, dtype) ->
 
 def measure(cfg: ModelConfig, args, device, dtype, compiled: bool) -> dict:
     torch.manual_seed(0)
-    with device:  # built where it trains: initialising billions of weights on the CPU takes minutes
+    with device:  # built on the device: no initialisation and copy of billions of weights on the CPU
         model = Transformer(cfg)
     if args.activation_checkpointing:
         checkpoint_activations(model)
