@@ -10,6 +10,8 @@
 #      dependencies are importable (`make install install-colossalai`, or carried wheels on PYTHONPATH).
 # Each step gets what is left of the time, up to its own cap; logs and the JSON lines go to $OUT
 # (default outputs/gpu_checks). Exits non-zero if a check failed or ran out of time.
+# CHECKS (default "mfu fsdp tests") and STRATEGIES (default: all four) choose what runs. Wheels that
+# experiments/gpu/fetch_wheels.sh left in .whl/ are installed first, for an image without an index.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-outputs/gpu_checks}
@@ -17,7 +19,16 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 deadline=${CHECKS_SECONDS:-560}
+checks=${CHECKS:-mfu fsdp tests}
+strategies=${STRATEGIES:-fsdp_bf16 colossalai_zero2 colossalai_gemini fsdp_pipeline_bf16}
 status=0
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    site=$(mktemp -d /tmp/moxin_site.XXXX)
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl \
+        > "$out/pip.log" 2>&1 || { echo "installing .whl/ failed: see $out/pip.log"; exit 1; }
+    export PYTHONPATH=$PYTHONPATH:$site:$PWD/.whl/extra
+fi
 
 seconds_for() {  # the step's cap, or what is left of the whole time if that is less
     local left=$((deadline - SECONDS))
@@ -27,16 +38,22 @@ seconds_for() {  # the step's cap, or what is left of the whole time if that is 
 nvidia-smi -L 2>&1 | tee "$out/device.txt"
 "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/device.txt"
 
-timeout "$(seconds_for 300)" "$python" experiments/benchmarks/mfu.py --profile "$out/mfu_profile.txt" 2>&1 \
-    | tee "$out/mfu.log" || status=1
-timeout "$(seconds_for 150)" "$python" experiments/gpu/fsdp_check.py 2>&1 | tee "$out/fsdp_check.log" || status=1
-grep '^{' "$out/mfu.log" "$out/fsdp_check.log" --no-filename > "$out/results.jsonl"
+if [[ " $checks " == *" mfu "* ]]; then
+    timeout "$(seconds_for 300)" "$python" experiments/benchmarks/mfu.py --profile "$out/mfu_profile.txt" 2>&1 \
+        | tee "$out/mfu.log" || status=1
+fi
+if [[ " $checks " == *" fsdp "* ]]; then
+    timeout "$(seconds_for 150)" "$python" experiments/gpu/fsdp_check.py 2>&1 | tee "$out/fsdp_check.log" || status=1
+fi
+cat "$out"/mfu.log "$out"/fsdp_check.log 2>/dev/null | grep '^{' > "$out/results.jsonl"
 
 : > "$out/pytest_gpu.log"
-if "$python" -c "import hydra, lightning, mistral_common, lm_eval, colossalai" 2>/dev/null; then
+if [[ " $checks " != *" tests "* ]]; then
+    :
+elif "$python" -c "import hydra, lightning, mistral_common, lm_eval, colossalai" 2>/dev/null; then
     # tests/conftest.py's fixtures need `datasets`; the GPU strategies' test uses none of them.
     conftest=$("$python" -c "import datasets" 2>/dev/null || echo --noconftest)
-    for name in fsdp_bf16 colossalai_zero2 colossalai_gemini fsdp_pipeline_bf16; do
+    for name in $strategies; do
         # SIGINT: pytest still prints where it was and its summary.
         timeout -s INT -k 10 "$(seconds_for 200)" "$python" -m pytest -q -rs -p no:cacheprovider $conftest \
             tests/test_parallel.py -k "gpu_strategies and $name" 2>&1 | tee -a "$out/pytest_gpu.log" || status=1
