@@ -155,6 +155,7 @@ def test_the_lm_head_runs_as_a_module_under_gemini():
     hidden = torch.randn(2, 6, 32)
     labels = torch.randint(0, 97, (2, 6))
     labels[0, :2] = losses.IGNORE_INDEX
+    none_trained = torch.full_like(labels, losses.IGNORE_INDEX)
     results = {}
     for plugin in ("torch_ddp", "gemini"):
         torch.manual_seed(0)
@@ -163,11 +164,14 @@ def test_the_lm_head_runs_as_a_module_under_gemini():
         calls = []
         module.model.output.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         for reduction in ("mean", "sum"):
-            loss = module.head_loss(hidden, labels, reduction=reduction)
+            leaf = hidden.clone().requires_grad_()
+            loss = module.head_loss(leaf, labels, reduction=reduction)
             loss.backward()
-            results[plugin, reduction] = (loss.detach(), module.model.output.weight.grad.clone())
+            results[plugin, reduction] = (loss.detach(), leaf.grad, module.model.output.weight.grad.clone())
             module.model.output.weight.grad = None
-        assert len(calls) == (2 if plugin == "gemini" else 0)
+        assert float(module.head_loss(hidden, none_trained).detach()) == 0.0  # a mean over no token: 0, not NaN
+        module.lm_loss({"input_ids": labels.clamp(min=0), "labels": labels})  # pretraining goes through it
+        assert len(calls) == (4 if plugin == "gemini" else 0)
     for reduction in ("mean", "sum"):
         torch.testing.assert_close(results["gemini", reduction], results["torch_ddp", reduction])
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's dependencies that a bare GPU image (PyTorch, Lightning, transformers, peft, ...) lacks,
 # as wheels in .whl/ (git-ignored), for a machine that cannot reach a package index: run_checks.sh
-# installs them from there before the GPU tests. Needs pip and an index here; about 35 MB.
+# installs them from there before the GPU tests. Needs pip and an index here; about 32 MB.
 #   bash experiments/gpu/fetch_wheels.sh [python version of the GPU machine, default 3.12]
 # bitsandbytes (imported by colossalai's optimizers through galore-torch) ships a library per CUDA
 # version, 125 MB in all: only its CUDA 13 and CPU libraries are kept, unpacked under .whl/extra.
@@ -11,6 +11,7 @@ python=${PYTHON:-python3}
 version=${1:-3.12}
 dest=.whl
 mkdir -p "$dest"
+rm -f "$dest"/*.whl  # two versions of one package would stop the install there
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform any)
 binary=(hydra-core==1.3.8 omegaconf==2.3.1 lm_eval==0.4.13 mistral_common==1.13.1 galore-torch==1.0

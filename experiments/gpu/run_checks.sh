@@ -23,11 +23,17 @@ checks=${CHECKS:-mfu fsdp tests}
 strategies=${STRATEGIES:-fsdp_bf16 colossalai_zero2 colossalai_gemini fsdp_pipeline_bf16}
 status=0
 
+rm -f "$out"/{mfu,fsdp_check}.log "$out/results.jsonl"  # no results of an earlier run mixed in
+
 if compgen -G ".whl/*.whl" > /dev/null; then
     site=$(mktemp -d /tmp/moxin_site.XXXX)
-    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl \
-        > "$out/pip.log" 2>&1 || { echo "installing .whl/ failed: see $out/pip.log"; exit 1; }
-    export PYTHONPATH=$PYTHONPATH:$site:$PWD/.whl/extra
+    if "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl \
+            > "$out/pip.log" 2>&1; then
+        export PYTHONPATH=$PYTHONPATH:$site:$PWD/.whl/extra
+    else  # the first two checks need PyTorch alone: they still run
+        echo "installing .whl/ failed (see $out/pip.log): the GPU tests will not run"
+        status=1
+    fi
 fi
 
 seconds_for() {  # the step's cap, or what is left of the whole time if that is less
@@ -35,14 +41,22 @@ seconds_for() {  # the step's cap, or what is left of the whole time if that is 
     echo $((left < $1 ? (left > 1 ? left : 1) : $1))
 }
 
+wanted() {  # whether CHECKS names this step, and time is left for it
+    [[ " $checks " == *" $1 "* ]] || return 1
+    ((SECONDS < deadline)) && return 0
+    echo "$1: not run, no time left of ${deadline}s"
+    status=1
+    return 1
+}
+
 nvidia-smi -L 2>&1 | tee "$out/device.txt"
 "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/device.txt"
 
-if [[ " $checks " == *" mfu "* ]]; then
+if wanted mfu; then
     timeout "$(seconds_for 300)" "$python" experiments/benchmarks/mfu.py --profile "$out/mfu_profile.txt" 2>&1 \
         | tee "$out/mfu.log" || status=1
 fi
-if [[ " $checks " == *" fsdp "* ]]; then
+if wanted fsdp; then
     timeout "$(seconds_for 150)" "$python" experiments/gpu/fsdp_check.py 2>&1 | tee "$out/fsdp_check.log" || status=1
 fi
 cat "$out"/mfu.log "$out"/fsdp_check.log 2>/dev/null | grep '^{' > "$out/results.jsonl"
@@ -54,6 +68,7 @@ elif "$python" -c "import hydra, lightning, mistral_common, lm_eval, colossalai"
     # tests/conftest.py's fixtures need `datasets`; the GPU strategies' test uses none of them.
     conftest=$("$python" -c "import datasets" 2>/dev/null || echo --noconftest)
     for name in $strategies; do
+        wanted tests || break
         # SIGINT: pytest still prints where it was and its summary.
         timeout -s INT -k 10 "$(seconds_for 200)" "$python" -m pytest -q -rs -p no:cacheprovider $conftest \
             tests/test_parallel.py -k "gpu_strategies and $name" 2>&1 | tee -a "$out/pytest_gpu.log" || status=1

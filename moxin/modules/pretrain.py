@@ -11,7 +11,7 @@ class PretrainModule(MoxinModule):
     supports_pipeline = True  # one mean token loss per micro-batch: hardware.fsdp.pipeline_parallel runs it
 
     def lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # From the final hidden states: the (B, T, vocab) logits are never held in memory.
+        # From the final hidden states: the (B, T, vocab) logits are not held in memory (but under Gemini).
         hidden = self.model.hidden_states(batch["input_ids"])  # (B, T, dim)
         return self.head_loss(hidden, batch["labels"])
 
