@@ -410,8 +410,10 @@ TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "
 LAUNCHED_BY_TORCHRUN = ("fsdp", "tp", "pp", "colossalai_hybrid")
 
 
-def start_run(root: Path, *overrides: str, experiment: str = "tiny_debug", torchrun: bool = False):
-    """Start run.py in its own process, or its 2 ranks under torchrun; finish_run waits for it. torchrun
+def start_run(root: Path, *overrides: str, experiment: str = "tiny_debug", torchrun: bool = False,
+              program: str = "run.py"):
+    """Start run.py (or `program`, which runs it) in its own process, or its 2 ranks under torchrun;
+    finish_run waits for it. torchrun
     starts both ranks at once, 4 s sooner than Lightning starts rank 1 (once rank 0 is set up), and the
     ranks share the run folder they are given. Independent runs may overlap: their imports and gloo
     waits leave the cores idle part of the time."""
@@ -424,7 +426,7 @@ def start_run(root: Path, *overrides: str, experiment: str = "tiny_debug", torch
         overrides = (*overrides, f"hydra.run.dir={root / experiment / 'shared'}")
     root.mkdir(parents=True, exist_ok=True)
     log = open(root / "stderr.log", "w")  # a file, not a pipe: a full pipe would stall the run
-    process = subprocess.Popen([sys.executable, *launcher, "run.py", *COMMON, f"paths.output_root={root}", *overrides],
+    process = subprocess.Popen([sys.executable, *launcher, program, *COMMON, f"paths.output_root={root}", *overrides],
                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
     return process, log, root / experiment
 
@@ -443,10 +445,10 @@ def finish_run(started) -> tuple[dict[int, float], Path]:
     return losses, run_dir
 
 
-def train_run(root: Path, *overrides: str, experiment: str = "tiny_debug",
-              torchrun: bool = False) -> tuple[dict[int, float], Path]:
+def train_run(root: Path, *overrides: str, experiment: str = "tiny_debug", torchrun: bool = False,
+              program: str = "run.py") -> tuple[dict[int, float], Path]:
     """Run run.py (see start_run) and wait for it: (train/loss per step, run folder)."""
-    return finish_run(start_run(root, *overrides, experiment=experiment, torchrun=torchrun))
+    return finish_run(start_run(root, *overrides, experiment=experiment, torchrun=torchrun, program=program))
 
 
 def validation_losses(run_dir: Path) -> list[float]:
@@ -927,17 +929,32 @@ def test_gpu_strategies_train_save_and_resume(name, tmp_path):
     if "pipeline" in name and torch.cuda.device_count() < 2:
         pytest.skip("pipeline parallelism needs 2 GPUs, one per stage")
     gpus = ("hardware.accelerator=gpu", f"hardware.devices={min(2, torch.cuda.device_count())}")
-    losses, run_dir = train_run(tmp_path / "full", *GPU_STRATEGIES[name], *gpus)
-    assert len(losses) == 10 and losses[9] < losses[0]  # bf16: it learns; exact equality is for fp32 on the CPU
+    assert_trains_saves_and_resumes(tmp_path, *GPU_STRATEGIES[name], *gpus)
+
+
+@pytest.mark.slow
+@needs_colossalai
+def test_zero2_trains_saves_and_resumes_with_its_streams_in_order_on_the_cpu(tmp_path):
+    """ZeRO-2 through run.py in one CPU process, its CUDA streams run in order (tests/zero2_on_cpu.py).
+    On a GPU it once trained nothing under Lightning, which no CPU test could see."""
+    assert_trains_saves_and_resumes(tmp_path, "hardware=colossalai_zero2", "hardware.accelerator=cpu",
+                                    "hardware.devices=1", program="tests/zero2_on_cpu.py")
+
+
+def assert_trains_saves_and_resumes(tmp_path: Path, *overrides: str, program: str = "run.py") -> None:
+    """10 steps learn; the last checkpoint holds the exported weights; a resume from step 5 takes the same
+    losses. bf16 precision: ZeRO saves its bf16 working weights, and exact equality is fp32's (above)."""
+    losses, run_dir = train_run(tmp_path / "full", *overrides, program=program)
+    assert len(losses) == 10 and losses[9] < losses[0] - 0.5
     saved = load_model(str(run_dir / "checkpoints" / "last.ckpt")).state_dict()
     exported = load_model(str(run_dir)).state_dict()
-    for key, tensor in exported.items():  # ZeRO saves its bf16 working weights: equal to bf16 precision
+    for key, tensor in exported.items():
         torch.testing.assert_close(saved[key].float(), tensor.float(), rtol=1e-2, atol=1e-2, msg=key)
-    resumed, _ = train_run(tmp_path / "resumed", *GPU_STRATEGIES[name], *gpus,
-                           f"resume={run_dir / 'checkpoints' / 'step-5.ckpt'}")
+    resumed, _ = train_run(tmp_path / "resumed", *overrides, f"resume={run_dir / 'checkpoints' / 'step-5.ckpt'}",
+                           program=program)
     assert min(resumed) == 5
     for step in resumed:
-        assert resumed[step] == pytest.approx(losses[step], rel=2e-2), (name, step)
+        assert resumed[step] == pytest.approx(losses[step], rel=2e-2), (overrides, step)
 
 
 def test_a_distributed_checkpoint_metadata_that_calls_a_function_is_refused(tmp_path):
