@@ -87,8 +87,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size, reduction)
     # No gradients wanted (validation): the same loss, chunk by chunk.
     weight = weight.to(hidden.dtype)
-    total = sum(causal_lm_loss(kernels.linear(hidden[s:s + chunk_size], weight), labels[s:s + chunk_size],
-                               reduction="sum") for s in range(0, hidden.shape[0], chunk_size))
+    return head_cross_entropy(hidden, lambda h: kernels.linear(h, weight), labels, reduction, chunk_size)
+
+
+def head_cross_entropy(hidden: torch.Tensor, head, labels: torch.Tensor, reduction: str = "mean",
+                       chunk_size: int = 1024) -> torch.Tensor:
+    """causal_lm_loss(head(hidden), labels) with `head` (hidden rows -> logits) applied chunk by chunk;
+    a mean over no trained token is 0. Under autograd every chunk's logits stay for the backward pass."""
+    hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    # (at least one chunk, so that no rows still give a tensor loss)
+    total = sum(causal_lm_loss(head(hidden[s:s + chunk_size]), labels[s:s + chunk_size], reduction="sum")
+                for s in range(0, max(hidden.shape[0], 1), chunk_size))
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1) if reduction == "mean" else total
 
 

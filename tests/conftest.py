@@ -5,6 +5,10 @@ import tempfile
 import pytest
 from hydra import compose, initialize_config_dir
 
+from moxin.colossalai_strategy import colossalai_available
+
+needs_colossalai = pytest.mark.skipif(not colossalai_available(),
+                                      reason="colossalai is not installed (make install-colossalai)")
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 

@@ -22,13 +22,11 @@ from moxin.colossalai_strategy import colossalai_available
 from moxin.data.datamodule import ResumeSampler
 from moxin.model import ModelConfig, Transformer
 from moxin.parallel import ParallelConfig, build_strategy, checkpoint_activations, compile_blocks, world_size
-from moxin.train import accumulation, build_module, eval_callbacks, find_resume_checkpoint, parallel_config
-from tests.conftest import CONF_DIR
+from moxin.train import accumulation, build_module, find_resume_checkpoint, parallel_config
+from tests.conftest import CONF_DIR, needs_colossalai
 
 REPO = Path(__file__).resolve().parent.parent
 HARDWARE = ("cpu", "gpu", "ddp", "fsdp", "colossalai_ddp", "colossalai_zero2", "colossalai_gemini", "colossalai_hybrid")
-needs_colossalai = pytest.mark.skipif(not colossalai_available(),
-                                      reason="colossalai is not installed (make install-colossalai)")
 
 
 def tiny_model() -> Transformer:
@@ -99,83 +97,6 @@ def test_a_checkpoint_folder_resumes_under_its_own_strategy_and_old_files_are_re
     assert read_checkpoint_state(str(old), sharded=False)["tensor_parallel"] == 1
 
 
-@needs_colossalai
-def test_a_colossalai_folder_resumes_under_the_plugin_that_wrote_it(tmp_path):
-    """The plugins lay out optimizer states (and Gemini the model) each their own way: a folder written
-    under one is refused under another before anything is loaded, naming both and phase.init_from."""
-    from moxin.colossalai_strategy import PLUGIN_KEY, ColossalAIStrategy
-
-    folder = tmp_path / "step-2.ckpt"
-    folder.mkdir()
-    torch.save({PLUGIN_KEY: "torch_ddp", "global_step": 2}, folder / "meta.pt")
-    with pytest.raises(ValueError, match="plugin torch_ddp, and this run has gemini.*plugin=torch_ddp.*init_from="):
-        ColossalAIStrategy(plugin="gemini").load_checkpoint(folder)
-
-
-@needs_colossalai
-def test_a_discarded_lightning_wrapper_leaves_the_boosted_optimizer_alone():
-    """Lightning's optimizer wrapper derives its class from the wrapped optimizer's. ZeRO's optimizer
-    removes its gradient hooks in __del__: a wrapper discarded when the strategy's optimizers were set
-    again ran that on the live optimizer, and ZeRO-2 under run.py then trained nothing (seen on a GPU)."""
-    import gc
-
-    from moxin.colossalai_strategy import ColossalAIStrategy
-
-    cleaned_up = []
-
-    class HookedOptimizer(torch.optim.SGD):  # as LowLevelZeroOptimizer: its own clean-up in __del__
-        def __del__(self):
-            cleaned_up.append(id(self))
-
-    optimizer = HookedOptimizer([torch.nn.Parameter(torch.ones(2))], lr=0.1)
-    strategy = ColossalAIStrategy(plugin="torch_ddp")
-    strategy.optimizers = [optimizer]
-    first_wrapper = strategy._lightning_optimizers[0]
-    assert isinstance(first_wrapper, HookedOptimizer) and first_wrapper.optimizer is optimizer
-    strategy.optimizers = [optimizer]  # as setup does once the booster has wrapped it
-    del first_wrapper
-    gc.collect()
-    assert cleaned_up == [] and strategy.optimizers == [optimizer]
-    del strategy, optimizer
-    gc.collect()
-    assert len(cleaned_up) == 1  # the optimizer itself still cleans up
-
-
-def test_the_lm_head_runs_as_a_module_under_gemini():
-    """Gemini gathers a parameter's chunk and reduces its gradient only when a module call or a torch
-    function sees it; the chunked loss's autograd.Function is neither (on a GPU: "Parameter
-    model.output.weight failed at the gradient reduction"). Under Gemini the head module runs instead,
-    to the same loss and gradients."""
-    from moxin import losses
-    from moxin.modules.base import OptimConfig
-    from moxin.modules.pretrain import PretrainModule
-
-    config = ModelConfig(vocab_size=97, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
-                         sliding_window=8, max_seq_len=64)
-    hidden = torch.randn(2, 6, 32)
-    labels = torch.randint(0, 97, (2, 6))
-    labels[0, :2] = losses.IGNORE_INDEX
-    none_trained = torch.full_like(labels, losses.IGNORE_INDEX)
-    results = {}
-    for plugin in ("torch_ddp", "gemini"):
-        torch.manual_seed(0)
-        module = PretrainModule(config, OptimConfig())
-        module.parallel = ParallelConfig(strategy="colossalai", colossalai={"plugin": plugin})
-        calls = []
-        module.model.output.register_forward_hook(lambda *_, calls=calls: calls.append(1))
-        for reduction in ("mean", "sum"):
-            leaf = hidden.clone().requires_grad_()
-            loss = module.head_loss(leaf, labels, reduction=reduction)
-            loss.backward()
-            results[plugin, reduction] = (loss.detach(), leaf.grad, module.model.output.weight.grad.clone())
-            module.model.output.weight.grad = None
-        assert float(module.head_loss(hidden, none_trained).detach()) == 0.0  # a mean over no token: 0, not NaN
-        module.lm_loss({"input_ids": labels.clamp(min=0), "labels": labels})  # pretraining goes through it
-        assert len(calls) == (4 if plugin == "gemini" else 0)
-    for reduction in ("mean", "sum"):
-        torch.testing.assert_close(results["gemini", reduction], results["torch_ddp", reduction])
-
-
 def test_world_size_counts_devices_times_nodes():
     assert world_size("gpu", 8, 4) == 32
     assert world_size("cpu", "auto", 1) == 1
@@ -197,30 +118,6 @@ def test_strategies_built_from_the_config():
     assert not strategy._save_distributed_checkpoint
 
 
-@needs_colossalai
-def test_colossalai_plugins_that_clip_take_the_phase_clip_value():
-    from moxin.colossalai_strategy import ColossalAIStrategy, make_plugin
-
-    strategy, clip = build_strategy(ParallelConfig(strategy="colossalai", colossalai={"plugin": "low_level_zero"}),
-                                    8, 1.0)
-    assert isinstance(strategy, ColossalAIStrategy) and clip is None  # the ZeRO optimizer clips
-    assert strategy.plugin_options["max_norm"] == 1.0
-    strategy, clip = build_strategy(ParallelConfig(strategy="colossalai", colossalai={"plugin": "torch_ddp"}), 8, 1.0)
-    assert clip == 1.0 and "max_norm" not in strategy.plugin_options  # Lightning clips through the wrapper
-    with pytest.raises(ValueError, match="tensor and pipeline parallelism"):
-        make_plugin("hybrid_parallel", {"tp_size": 2})
-    with pytest.raises(ValueError, match="plugin='zero9'"):
-        make_plugin("zero9", {})
-
-
-def test_colossalai_missing_names_the_install_command(monkeypatch):
-    import moxin.colossalai_strategy as module
-
-    monkeypatch.setattr(module, "colossalai_available", lambda: False)
-    with pytest.raises(ImportError, match="make install-colossalai"):
-        module.ColossalAIStrategy(plugin="torch_ddp")
-
-
 def test_global_batch_tokens_sets_gradient_accumulation():
     cfg = OmegaConf.create({"phase": {"accumulate_grad_batches": 3, "global_batch_tokens": None},
                             "context": {"micro_batch_size": 4, "seq_len": 2048}})
@@ -236,27 +133,6 @@ def test_global_batch_tokens_sets_gradient_accumulation():
         cfg = compose("config", overrides=["+experiment=phase1_2k", "hardware=fsdp", "hardware.num_nodes=4",
                                            "phase.global_batch_tokens=4194304"])
     assert accumulation(cfg, world_size(cfg.hardware.accelerator, cfg.hardware.devices, cfg.hardware.num_nodes)) == 16
-
-
-def test_colossalai_refuses_grpo_but_under_ddp_and_gemini_the_eval_callback(make_cfg, tmp_path):
-    fsdp = ParallelConfig(strategy="fsdp")
-    cfg = make_cfg("+experiment=grpo_deepscaler", "+scale=tiny")
-    from hydra.utils import instantiate
-
-    zero = ParallelConfig(strategy="colossalai", colossalai={"plugin": "low_level_zero"})
-    with pytest.raises(ValueError, match="optimizes by hand.*use hardware=colossalai_ddp, ddp or fsdp"):
-        build_module(cfg, instantiate(cfg.model), instantiate(cfg.data), zero)
-    torch_ddp = ParallelConfig(strategy="colossalai", colossalai={"plugin": "torch_ddp"})
-    assert build_module(cfg, instantiate(cfg.model), instantiate(cfg.data), torch_ddp).parallel is torch_ddp
-    static = ParallelConfig(strategy="colossalai",
-                            colossalai={"plugin": "torch_ddp", "options": {"static_graph": True}})
-    with pytest.raises(ValueError, match="static_graph"):  # its gradients would not be all-reduced
-        build_module(cfg, instantiate(cfg.model), instantiate(cfg.data), static)
-    cfg = make_cfg("eval.every_n_steps=10")
-    gemini = ParallelConfig(strategy="colossalai", colossalai={"plugin": "gemini"})
-    with pytest.raises(ValueError, match="eval.every_n_steps runs the model on rank 0 alone.*gemini"):
-        eval_callbacks(cfg, None, tmp_path, gemini)
-    assert len(eval_callbacks(cfg, None, tmp_path, fsdp)) == 1  # FSDP gathers the model for it
 
 
 # --- data order across ranks ---
@@ -788,29 +664,6 @@ def test_resuming_on_another_number_of_ranks_warns(capsys):
     assert "WARNING" not in capsys.readouterr().out
     data.load_state_dict({"consumed_samples": 4, "replicas": 1, "samples_per_step": 4})
     assert "resuming with 2 samples per optimizer step a run checkpointed with 4" in capsys.readouterr().out
-
-
-@needs_colossalai
-def test_colossalai_step_is_skipped_only_for_a_skipped_training_step(monkeypatch):
-    """A training_step returning None skips the step; a module stepping by hand (nonfinite_loss=skip
-    runs its closure itself, then steps with none) still steps."""
-    from types import SimpleNamespace
-
-    from lightning.pytorch.core.optimizer import do_nothing_closure
-
-    from moxin.colossalai_strategy import ColossalAIPrecision
-
-    precision = ColossalAIPrecision()
-    monkeypatch.setattr(precision, "_after_closure", lambda model, optimizer: None)
-    steps = []
-    optimizer = SimpleNamespace(step=lambda: steps.append(1))
-    module = SimpleNamespace(automatic_optimization=True)
-    precision.optimizer_step(optimizer, module, lambda: None)  # training_step returned None
-    assert steps == []
-    precision.optimizer_step(optimizer, module, do_nothing_closure)
-    assert steps == [1]
-    precision.optimizer_step(optimizer, module, lambda: torch.tensor(1.0))
-    assert steps == [1, 1]
 
 
 def test_checkpointing_and_compile_switches_train_like_the_plain_model(make_cfg, tmp_path, monkeypatch):

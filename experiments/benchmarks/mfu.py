@@ -93,7 +93,7 @@ def measure(cfg: ModelConfig, args, device, dtype, compiled: bool) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak_memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    if getattr(args, "profile", None) and compiled:
+    if args.profile and compiled:
         write_profile(args.profile, model, optimizer, batches[:2], dtype)
     del model, optimizer, batches
     if device.type == "cuda":

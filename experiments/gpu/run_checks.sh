@@ -62,20 +62,20 @@ fi
 cat "$out"/mfu.log "$out"/fsdp_check.log 2>/dev/null | grep '^{' > "$out/results.jsonl"
 
 : > "$out/pytest_gpu.log"
-if [[ " $checks " != *" tests "* ]]; then
-    :
-elif "$python" -c "import hydra, lightning, mistral_common, lm_eval, colossalai" 2>/dev/null; then
-    # tests/conftest.py's fixtures need `datasets`; the GPU strategies' test uses none of them.
-    conftest=$("$python" -c "import datasets" 2>/dev/null || echo --noconftest)
-    for name in $strategies; do
-        wanted tests || break
-        # SIGINT: pytest still prints where it was and its summary.
-        timeout -s INT -k 10 "$(seconds_for 200)" "$python" -m pytest -q -rs -p no:cacheprovider $conftest \
-            tests/test_parallel.py -k "gpu_strategies and $name" 2>&1 | tee -a "$out/pytest_gpu.log" || status=1
-    done
-else
-    echo "tests/test_parallel.py -k gpu_strategies not run: the project's dependencies (make install install-colossalai) are missing" \
-        | tee "$out/pytest_gpu.log"
+if [[ " $checks " == *" tests "* ]]; then
+    if "$python" -c "import hydra, lightning, mistral_common, lm_eval, colossalai" 2>/dev/null; then
+        # tests/conftest.py's fixtures need `datasets`; the GPU strategies' test uses none of them.
+        conftest=$("$python" -c "import datasets" 2>/dev/null || echo --noconftest)
+        for name in $strategies; do
+            wanted tests || break
+            # SIGINT: pytest still prints where it was and its summary.
+            timeout -s INT -k 10 "$(seconds_for 200)" "$python" -m pytest -q -rs -p no:cacheprovider $conftest \
+                tests/test_parallel.py -k "gpu_strategies and $name" 2>&1 | tee -a "$out/pytest_gpu.log" || status=1
+        done
+    else
+        echo "tests/test_parallel.py -k gpu_strategies not run: the project's dependencies (make install" \
+            "install-colossalai, or experiments/gpu/fetch_wheels.sh) are missing" | tee "$out/pytest_gpu.log"
+    fi
 fi
 echo "checks took ${SECONDS}s of ${deadline}s; exit status ${status}"
 exit $status

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from moxin.data.datamodule import data_parallel_rank
-from moxin.losses import IGNORE_INDEX, causal_lm_loss, linear_cross_entropy
+from moxin.losses import head_cross_entropy, linear_cross_entropy
 from moxin.model import ModelConfig, Transformer
 from moxin.parallel import (
     DTYPES,
@@ -254,10 +254,10 @@ class MoxinModule(L.LightningModule):
         """Cross-entropy of the LM head over final hidden states (labels aligned with them). Chunked, the
         logits never held whole (linear_cross_entropy), except under Gemini: its chunks are gathered and
         its gradients reduced only for parameters that torch functions or module calls see, and the
-        chunked loss's autograd.Function is neither; there the head module runs on the whole batch."""
-        if self.under_gemini:  # (a mean over no trained token is 0, as linear_cross_entropy's)
-            total = causal_lm_loss(self.model.output(hidden), labels, reduction="sum")
-            return total / (labels != IGNORE_INDEX).sum().clamp(min=1) if reduction == "mean" else total
+        chunked loss's autograd.Function is neither; there the head module runs on each chunk, whose
+        logits autograd keeps for the backward pass."""
+        if self.under_gemini:
+            return head_cross_entropy(hidden, self.model.output, labels, reduction)
         return linear_cross_entropy(hidden, self.model.output.weight, labels, reduction=reduction)
 
     def log_lr(self) -> None:
