@@ -4,7 +4,8 @@ step, and saves and loads checkpoints.
 
 Colossal-AI is an optional extra (`make install-colossalai`): version 0.5.0 pins torch <= 2.5.1, so it
 is installed with --no-deps next to the torch we use. On a CPU its TorchDDPPlugin and HybridParallelPlugin
-(tp_size=1) run; LowLevelZeroPlugin (ZeRO-1/2) and GeminiPlugin need CUDA.
+(data and tensor parallel: moxin/colossalai_tp.py) run; LowLevelZeroPlugin (ZeRO-1/2) and GeminiPlugin need
+CUDA.
 
 A checkpoint is a folder `<name>.ckpt/`: `model/` and `optimizer/` written by the booster (each rank its
 shard where the plugin shards), and `meta.pt`, the rest of Lightning's checkpoint (loops, schedulers,
@@ -28,12 +29,15 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.ddp import _DDPForwardRedirection
 from lightning.pytorch.trainer.states import TrainerFn
 
+from moxin.colossalai_tp import moxin_policy, norm_counts_fused_parts_once, run_on_cpu
+
 PLUGINS = {"torch_ddp": "TorchDDPPlugin", "low_level_zero": "LowLevelZeroPlugin", "gemini": "GeminiPlugin",
            "hybrid_parallel": "HybridParallelPlugin"}
 INSTALL_HINT = ("Colossal-AI is an optional extra: `make install-colossalai` (pip install --no-deps "
                 "colossalai==0.5.0 plus the modules it imports)")
 META_FILE = "meta.pt"
 PLUGIN_KEY = "colossalai_plugin"  # in meta.pt: the plugin that wrote the folder
+TP_KEY = "colossalai_tp_size"  # in meta.pt: its tensor-parallel size (HybridParallelPlugin's tp_size)
 REFERENCE = "reference"  # the frozen reference policy's submodule (moxin/modules/reference.py)
 
 
@@ -50,39 +54,19 @@ def colossalai_available() -> bool:
     return True
 
 
-def _allow_cpu_synchronize() -> None:
-    """colossalai 0.5.0's CPU accelerator raises on synchronize(), which its optimizer-checkpoint loader
-    calls; on a CPU there is no device queue to wait for."""
-    from colossalai.accelerator import cpu_accelerator
-
-    cpu_accelerator.CpuAccelerator.synchronize = lambda self, device=None: None
-
-
-def _no_sharding_policy():
-    """A shardformer policy that changes nothing: HybridParallelPlugin with tp_size=1 and pp_size=1 (data
-    parallelism, optionally ZeRO) on a model that has no policy of Colossal-AI's own."""
-    from colossalai.shardformer.policies.base_policy import Policy
-
-    class NoSharding(Policy):
-        def config_sanity_check(self):
-            pass
-
-        def preprocess(self):
-            return self.model
-
-        def module_policy(self):
-            return {}
-
-        def postprocess(self):
-            return self.model
-
-        def get_held_layers(self):
-            return [self.model]
-
-        def get_shared_params(self):
-            return []
-
-    return NoSharding()
+def check_hybrid_options(options: dict) -> None:
+    """HybridParallelPlugin's options that the moxin model supports: tensor parallelism (tp_size), data
+    parallelism with ZeRO (zero_stage); not the plugin's pipeline or sequence parallelism."""
+    tp = options.get("tp_size", 1)
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"hardware.colossalai.options.tp_size={tp!r} must be a whole number >= 1")
+    if options.get("pp_size", 1) != 1:
+        raise ValueError(f"hardware.colossalai.options.pp_size={options['pp_size']}: the moxin model has no "
+                         "Colossal-AI pipeline stages; keep pp_size=1, or use moxin's pipeline (hardware=fsdp with "
+                         "hardware.fsdp.pipeline_parallel)")
+    if options.get("sp_size") not in (None, 1) or options.get("enable_sequence_parallelism"):
+        raise ValueError("hardware.colossalai.options: the moxin model does not split sequences (sp_size, "
+                         "enable_sequence_parallelism); leave them unset")
 
 
 def make_plugin(name: str, options: dict):
@@ -94,13 +78,11 @@ def make_plugin(name: str, options: dict):
         raise ImportError(f"hardware.strategy=colossalai needs colossalai ({error}). {INSTALL_HINT}") from None
     options = dict(options)
     if name == "hybrid_parallel":
-        if options.get("tp_size", 1) != 1 or options.get("pp_size", 1) != 1:
-            raise ValueError("hardware.colossalai: tensor and pipeline parallelism need a shardformer policy for "
-                             "the moxin model, which does not exist yet; keep tp_size=1 and pp_size=1 (data "
-                             "parallel with zero_stage 0-2) or use hardware=fsdp")
+        check_hybrid_options(options)
         options.setdefault("tp_size", 1)
         options.setdefault("pp_size", 1)
-        options["custom_policy"] = _no_sharding_policy()
+        options["custom_policy"] = moxin_policy()  # tensor parallelism over tp_size ranks, or none
+        norm_counts_fused_parts_once()
     return getattr(plugins, PLUGINS[name])(**options)
 
 
@@ -178,6 +160,19 @@ class ColossalAIStrategy(DDPStrategy):
         self._boosted = None  # the boosted module: Lightning re-connects the plain one at every fit/validate
 
     @property
+    def tensor_parallel(self) -> int:
+        """Ranks that split each block (HybridParallelPlugin's tp_size) and share their batches."""
+        return self.plugin_options.get("tp_size", 1) if self.plugin_name == "hybrid_parallel" else 1
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict:
+        # The plugin's process mesh is (data, pipeline, tensor): a tensor-parallel group is tp consecutive
+        # ranks, one data-parallel replica.
+        kwargs = super().distributed_sampler_kwargs
+        return {"num_replicas": kwargs["num_replicas"] // self.tensor_parallel,
+                "rank": kwargs["rank"] // self.tensor_parallel}
+
+    @property
     def optimizers(self) -> list:
         return self._optimizers
 
@@ -200,7 +195,7 @@ class ColossalAIStrategy(DDPStrategy):
         self.accelerator.setup(trainer)
         self.model_to_device()
         if self.root_device.type == "cpu":
-            _allow_cpu_synchronize()
+            run_on_cpu()
         if trainer.state.fn == TrainerFn.FITTING and self._boosted is None:
             if not self.lightning_module.automatic_optimization and self.plugin_name != "torch_ddp":
                 # Its backward passes run inside the wrapped module's forward: only plain DDP's gradient
@@ -297,6 +292,7 @@ class ColossalAIStrategy(DDPStrategy):
         self.booster.save_optimizer(self.optimizers[0], str(path / "optimizer"), shard=True)
         if self.is_global_zero:
             checkpoint[PLUGIN_KEY] = self.plugin_name
+            checkpoint[TP_KEY] = self.tensor_parallel
             temporary = path / f"{META_FILE}.tmp"
             torch.save(checkpoint, temporary)
             os.replace(temporary, path / META_FILE)  # written last: its presence marks a complete checkpoint
@@ -312,6 +308,13 @@ class ColossalAIStrategy(DDPStrategy):
             raise ValueError(f"{path} was saved under the Colossal-AI plugin {written_by}, and this run has "
                              f"{self.plugin_name}: resume it under hardware.colossalai.plugin={written_by}, or "
                              f"start from its weights with phase.init_from={path}")
+        saved_tp = checkpoint.get(TP_KEY, 1)
+        if saved_tp != self.tensor_parallel:
+            # The model folder holds whole weights, but colossalai 0.5.0 stores the optimizer states of a fused
+            # projection (wqkv, w13) as the ranks' parts one after another: they load back only into as many.
+            raise ValueError(f"{path} was saved with hardware.colossalai.options.tp_size={saved_tp}, and this run "
+                             f"has {self.tensor_parallel}: its optimizer states resume only under tp_size={saved_tp}; "
+                             f"or start from its weights with phase.init_from={path}")
         with self._without_reference(saved_model_keys(path / "model")):
             self.booster.load_model(self._boosted, str(path / "model"))
         self.booster.load_optimizer(self.optimizers[0], str(path / "optimizer"))
@@ -326,9 +329,15 @@ class ColossalAIStrategy(DDPStrategy):
             shutil.rmtree(filepath, ignore_errors=True)
 
     def full_model_state_dict(self) -> dict:
-        """The Transformer's whole state dict on rank 0 (collective under Gemini, whose chunks hold it)."""
+        """The Transformer's whole state dict on rank 0 (collective under Gemini, whose chunks hold it, and
+        under tensor parallelism, whose ranks hold parts of each block)."""
         if self.plugin_name == "gemini" and self._boosted is not None:
             state = self._boosted.state_dict(only_rank_0=True)
+        elif self.tensor_parallel > 1:
+            from colossalai.checkpoint_io.utils import gather_distributed_param
+
+            state = {name: gather_distributed_param(tensor) for name, tensor in self.lightning_module.state_dict(
+                keep_vars=True).items() if name.startswith("model.")}  # (every rank gathers the same ones)
         else:
             state = self.lightning_module.state_dict()
         return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}

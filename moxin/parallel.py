@@ -100,6 +100,10 @@ class ParallelConfig:
         if pp > 1 and not self.fsdp.sharded_checkpoint:
             raise ValueError("hardware.fsdp.pipeline_parallel needs hardware.fsdp.sharded_checkpoint=true: a single "
                              "checkpoint file is gathered on rank 0, which holds only the first stage")
+        if self.strategy == "colossalai" and self.colossalai.plugin == "hybrid_parallel":
+            from moxin.colossalai_strategy import check_hybrid_options
+
+            check_hybrid_options(self.colossalai.options)
         if self.fsdp.pipeline_schedule not in PIPELINE_SCHEDULES:
             raise ValueError(f"hardware.fsdp.pipeline_schedule={self.fsdp.pipeline_schedule!r} is not one of "
                              f"{PIPELINE_SCHEDULES}")
@@ -112,14 +116,24 @@ class ParallelConfig:
     def pipeline_parallel(self) -> int:
         return self.fsdp.pipeline_parallel if self.strategy == "fsdp" else 1
 
+    @property
+    def colossalai_tensor_parallel(self) -> int:
+        """Colossal-AI's HybridParallelPlugin's tp_size (moxin/colossalai_tp.py)."""
+        if self.strategy == "colossalai" and self.colossalai.plugin == "hybrid_parallel":
+            return self.colossalai.options.get("tp_size", 1)
+        return 1
+
     def data_parallel(self, processes: int) -> int:
         """The replicas that take their own batches: a tensor-parallel group shares one, and so do the
         stages of a pipeline."""
-        split = self.tensor_parallel * self.pipeline_parallel
+        split = self.tensor_parallel * self.pipeline_parallel * self.colossalai_tensor_parallel
         if processes % split:
-            stages = f" x pipeline_parallel={self.pipeline_parallel}" if self.pipeline_parallel > 1 else ""
-            raise ValueError(f"hardware.fsdp.tensor_parallel={self.tensor_parallel}{stages} does not divide the "
-                             f"{processes} processes (devices x num_nodes)")
+            if self.colossalai_tensor_parallel > 1:
+                what = f"hardware.colossalai.options.tp_size={self.colossalai_tensor_parallel}"
+            else:
+                stages = f" x pipeline_parallel={self.pipeline_parallel}" if self.pipeline_parallel > 1 else ""
+                what = f"hardware.fsdp.tensor_parallel={self.tensor_parallel}{stages}"
+            raise ValueError(f"{what} does not divide the {processes} processes (devices x num_nodes)")
         return processes // split
 
 

@@ -252,6 +252,10 @@ def build_module(cfg: DictConfig, model_cfg: ModelConfig, data_cfg, parallel: Pa
     if module_class.generates and parallel.strategy == "colossalai" and parallel.colossalai.options.get("static_graph"):
         raise ValueError(f"phase.module={name} optimizes by hand, for which DDP's static_graph would need the first "
                          "backward's all-reduce started by hand; leave hardware.colossalai.options.static_graph unset")
+    if parallel.colossalai_tensor_parallel > 1:  # (the policy checks again when it splits the blocks)
+        from moxin.colossalai_tp import check_divides
+
+        check_divides(model_cfg, parallel.colossalai_tensor_parallel)
     options = {key: instantiate(cfg.phase[key]) for key in module_class.phase_options if key in cfg.phase}
     with torch.device("meta") if parallel.strategy == "fsdp" else contextlib.nullcontext():
         module = module_class(model_cfg, instantiate(cfg.phase.optimizer),
@@ -266,14 +270,15 @@ def eval_callbacks(cfg: DictConfig, tokenizer, run_dir: Path, parallel: Parallel
     """The `eval` suite every eval.every_n_steps optimizer steps (none when 0)."""
     suite, every_n_steps = suite_from_config(cfg.eval)
     # FSDP gathers the whole model on every rank for it (gathered_weights; under tensor parallelism rank
-    # 0's group runs it together); Gemini's chunks cannot run on one rank.
+    # 0's group runs it together); Gemini's chunks, and Colossal-AI's tensor-parallel blocks, cannot run on one rank.
     gemini = parallel.strategy == "colossalai" and parallel.colossalai.plugin == "gemini"
     if every_n_steps > 0 and parallel.pipeline_parallel > 1:
         raise ValueError("eval.every_n_steps runs the whole model on rank 0, which holds one pipeline stage under "
                          "hardware.fsdp.pipeline_parallel; set eval.every_n_steps=0 and evaluate the saved "
                          "checkpoints (or the run's final/ folder) with task=evaluate")
-    if every_n_steps > 0 and gemini:
-        raise ValueError("eval.every_n_steps runs the model on rank 0 alone, which hardware.colossalai.plugin=gemini "
+    if every_n_steps > 0 and (gemini or parallel.colossalai_tensor_parallel > 1):
+        which = "plugin=gemini" if gemini else "options.tp_size > 1"
+        raise ValueError(f"eval.every_n_steps runs the model on rank 0 alone, which hardware.colossalai.{which} "
                          "cannot do (no rank holds the whole model); set eval.every_n_steps=0 and evaluate the "
                          "saved checkpoints with task=evaluate")
     return [EvalCallback(suite, every_n_steps, tokenizer, run_dir)] if every_n_steps > 0 else []

@@ -27,6 +27,24 @@ def test_a_colossalai_folder_resumes_under_the_plugin_that_wrote_it(tmp_path):
 
 
 @needs_colossalai
+def test_a_colossalai_folder_resumes_under_the_tensor_parallel_size_that_wrote_it(tmp_path):
+    """Colossal-AI stores a fused projection's optimizer states as the tensor-parallel ranks' parts in turn:
+    under another tp_size they would load into the wrong rows. The folder says its size, and is refused."""
+    from moxin.colossalai_strategy import PLUGIN_KEY, TP_KEY, ColossalAIStrategy
+
+    folder = tmp_path / "step-2.ckpt"
+    folder.mkdir()
+    torch.save({PLUGIN_KEY: "hybrid_parallel", TP_KEY: 2, "global_step": 2}, folder / "meta.pt")
+    for tp in (1, 4):
+        strategy = ColossalAIStrategy(plugin="hybrid_parallel", plugin_options={"tp_size": tp})
+        with pytest.raises(ValueError, match=f"tp_size=2, and this run has {tp}.*init_from="):
+            strategy.load_checkpoint(folder)
+    torch.save({PLUGIN_KEY: "hybrid_parallel", "global_step": 2}, folder / "meta.pt")  # written before tp_size
+    with pytest.raises(ValueError, match="tp_size=1, and this run has 2"):
+        ColossalAIStrategy(plugin="hybrid_parallel", plugin_options={"tp_size": 2}).load_checkpoint(folder)
+
+
+@needs_colossalai
 def test_a_discarded_lightning_wrapper_leaves_the_boosted_optimizer_alone():
     """Lightning's optimizer wrapper derives its class from the wrapped optimizer's. ZeRO's optimizer
     removes its gradient hooks in __del__: a wrapper discarded when the strategy's optimizers were set
@@ -100,8 +118,8 @@ def test_colossalai_plugins_that_clip_take_the_phase_clip_value():
     assert strategy.plugin_options["max_norm"] == 1.0
     strategy, clip = build_strategy(ParallelConfig(strategy="colossalai", colossalai={"plugin": "torch_ddp"}), 8, 1.0)
     assert clip == 1.0 and "max_norm" not in strategy.plugin_options  # Lightning clips through the wrapper
-    with pytest.raises(ValueError, match="tensor and pipeline parallelism"):
-        make_plugin("hybrid_parallel", {"tp_size": 2})
+    with pytest.raises(ValueError, match="pp_size=2: the moxin model has no Colossal-AI pipeline stages"):
+        make_plugin("hybrid_parallel", {"pp_size": 2})
     with pytest.raises(ValueError, match="plugin='zero9'"):
         make_plugin("zero9", {})
 
@@ -133,6 +151,34 @@ def test_colossalai_refuses_grpo_but_under_ddp_and_gemini_the_eval_callback(make
     with pytest.raises(ValueError, match="eval.every_n_steps runs the model on rank 0 alone.*gemini"):
         eval_callbacks(cfg, None, tmp_path, gemini)
     assert len(eval_callbacks(cfg, None, tmp_path, fsdp)) == 1  # FSDP gathers the model for it
+    split = ParallelConfig(strategy="colossalai", colossalai={"plugin": "hybrid_parallel", "options": {"tp_size": 2}})
+    with pytest.raises(ValueError, match="eval.every_n_steps runs the model on rank 0 alone.*tp_size > 1"):
+        eval_callbacks(cfg, None, tmp_path, split)
+    whole = ParallelConfig(strategy="colossalai", colossalai={"plugin": "hybrid_parallel", "options": {"tp_size": 1}})
+    assert len(eval_callbacks(cfg, None, tmp_path, whole)) == 1
+
+
+def test_colossalai_tensor_parallel_options_are_checked_before_a_run_starts():
+    """HybridParallelPlugin's tp_size splits the blocks (moxin/colossalai_tp.py) and its groups share their
+    batches; its own pipeline and sequence parallelism are refused, naming what to use instead."""
+    from moxin.colossalai_tp import check_divides
+
+    def hybrid(**options):
+        return ParallelConfig(strategy="colossalai", colossalai={"plugin": "hybrid_parallel", "options": options})
+
+    assert hybrid(tp_size=2).data_parallel(8) == 4 and hybrid(tp_size=1).data_parallel(8) == 8
+    with pytest.raises(ValueError, match="tp_size=2 does not divide the 3 processes"):
+        hybrid(tp_size=2).data_parallel(3)
+    with pytest.raises(ValueError, match="pp_size=2.*hardware.fsdp.pipeline_parallel"):
+        hybrid(pp_size=2)
+    with pytest.raises(ValueError, match="does not split sequences"):
+        hybrid(sp_size=2)
+    with pytest.raises(ValueError, match="tp_size=0 must be a whole number"):
+        hybrid(tp_size=0)
+    cfg = ModelConfig(vocab_size=64, dim=48, n_layers=1, n_heads=6, n_kv_heads=2, hidden_dim=96, max_seq_len=16)
+    check_divides(cfg, 2)
+    with pytest.raises(ValueError, match="tp_size=3 does not divide model.n_kv_heads=2"):
+        check_divides(cfg, 3)
 
 
 @needs_colossalai
