@@ -29,7 +29,13 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.ddp import _DDPForwardRedirection
 from lightning.pytorch.trainer.states import TrainerFn
 
-from moxin.colossalai_tp import moxin_policy, norm_counts_fused_parts_once, run_on_cpu
+from moxin.colossalai_tp import (
+    check_split,
+    moxin_policy,
+    norm_counts_fused_parts_once,
+    optimizer_states_in_the_weights_order,
+    run_on_cpu,
+)
 
 PLUGINS = {"torch_ddp": "TorchDDPPlugin", "low_level_zero": "LowLevelZeroPlugin", "gemini": "GeminiPlugin",
            "hybrid_parallel": "HybridParallelPlugin"}
@@ -37,7 +43,6 @@ INSTALL_HINT = ("Colossal-AI is an optional extra: `make install-colossalai` (pi
                 "colossalai==0.5.0 plus the modules it imports)")
 META_FILE = "meta.pt"
 PLUGIN_KEY = "colossalai_plugin"  # in meta.pt: the plugin that wrote the folder
-TP_KEY = "colossalai_tp_size"  # in meta.pt: its tensor-parallel size (HybridParallelPlugin's tp_size)
 REFERENCE = "reference"  # the frozen reference policy's submodule (moxin/modules/reference.py)
 
 
@@ -54,6 +59,11 @@ def colossalai_available() -> bool:
     return True
 
 
+# HybridParallelPlugin options read only by Colossal-AI's own model policies (and their layers).
+UNUSED_BY_THE_POLICY = ("enable_all_optimization", "enable_flash_attention", "enable_fused_normalization",
+                        "enable_jit_fused", "gradient_checkpoint_config", "parallel_output", "fp8_communication")
+
+
 def check_hybrid_options(options: dict) -> None:
     """HybridParallelPlugin's options that the moxin model supports: tensor parallelism (tp_size), data
     parallelism with ZeRO (zero_stage); not the plugin's pipeline or sequence parallelism."""
@@ -67,6 +77,12 @@ def check_hybrid_options(options: dict) -> None:
     if options.get("sp_size") not in (None, 1) or options.get("enable_sequence_parallelism"):
         raise ValueError("hardware.colossalai.options: the moxin model does not split sequences (sp_size, "
                          "enable_sequence_parallelism); leave them unset")
+    ignored = sorted(name for name in UNUSED_BY_THE_POLICY if options.get(name))
+    if ignored:
+        raise ValueError(f"hardware.colossalai.options: {', '.join(ignored)} would do nothing: they configure "
+                         "Colossal-AI's policies for Hugging Face models, not moxin's. moxin's own switches: "
+                         "hardware.activation_checkpointing and hardware.compile (attention already runs "
+                         "PyTorch's fused SDPA kernels)")
 
 
 def make_plugin(name: str, options: dict):
@@ -83,6 +99,7 @@ def make_plugin(name: str, options: dict):
         options.setdefault("pp_size", 1)
         options["custom_policy"] = moxin_policy()  # tensor parallelism over tp_size ranks, or none
         norm_counts_fused_parts_once()
+        optimizer_states_in_the_weights_order()
     return getattr(plugins, PLUGINS[name])(**options)
 
 
@@ -209,6 +226,8 @@ class ColossalAIStrategy(DDPStrategy):
                                  f"{len(self.optimizers)}")
             self.booster = Booster(plugin=make_plugin(self.plugin_name, self.plugin_options))
             self._boosted, optimizer, *_ = self.booster.boost(self.model, self.optimizers[0])
+            if self.tensor_parallel > 1:
+                check_split(self.lightning_module, self.tensor_parallel)
             # The LR scheduler keeps driving the optimizer it was built on: the wrapper shares its param_groups.
             self.optimizers = [optimizer]
         if self._boosted is not None:  # after fit (a final validation, the last save): still the boosted one
@@ -292,7 +311,6 @@ class ColossalAIStrategy(DDPStrategy):
         self.booster.save_optimizer(self.optimizers[0], str(path / "optimizer"), shard=True)
         if self.is_global_zero:
             checkpoint[PLUGIN_KEY] = self.plugin_name
-            checkpoint[TP_KEY] = self.tensor_parallel
             temporary = path / f"{META_FILE}.tmp"
             torch.save(checkpoint, temporary)
             os.replace(temporary, path / META_FILE)  # written last: its presence marks a complete checkpoint
@@ -308,13 +326,6 @@ class ColossalAIStrategy(DDPStrategy):
             raise ValueError(f"{path} was saved under the Colossal-AI plugin {written_by}, and this run has "
                              f"{self.plugin_name}: resume it under hardware.colossalai.plugin={written_by}, or "
                              f"start from its weights with phase.init_from={path}")
-        saved_tp = checkpoint.get(TP_KEY, 1)
-        if saved_tp != self.tensor_parallel:
-            # The model folder holds whole weights, but colossalai 0.5.0 stores the optimizer states of a fused
-            # projection (wqkv, w13) as the ranks' parts one after another: they load back only into as many.
-            raise ValueError(f"{path} was saved with hardware.colossalai.options.tp_size={saved_tp}, and this run "
-                             f"has {self.tensor_parallel}: its optimizer states resume only under tp_size={saved_tp}; "
-                             f"or start from its weights with phase.init_from={path}")
         with self._without_reference(saved_model_keys(path / "model")):
             self.booster.load_model(self._boosted, str(path / "model"))
         self.booster.load_optimizer(self.optimizers[0], str(path / "optimizer"))
@@ -331,13 +342,19 @@ class ColossalAIStrategy(DDPStrategy):
     def full_model_state_dict(self) -> dict:
         """The Transformer's whole state dict on rank 0 (collective under Gemini, whose chunks hold it, and
         under tensor parallelism, whose ranks hold parts of each block)."""
+        if hasattr(self._boosted, "_force_wait_all_gather"):  # ZeRO's overlapped all-gathers of the weights
+            self._boosted._force_wait_all_gather()
         if self.plugin_name == "gemini" and self._boosted is not None:
             state = self._boosted.state_dict(only_rank_0=True)
         elif self.tensor_parallel > 1:
             from colossalai.checkpoint_io.utils import gather_distributed_param
 
-            state = {name: gather_distributed_param(tensor) for name, tensor in self.lightning_module.state_dict(
-                keep_vars=True).items() if name.startswith("model.")}  # (every rank gathers the same ones)
+            state = {}
+            for name, tensor in self.lightning_module.state_dict(keep_vars=True).items():
+                if name.startswith("model."):  # (every rank gathers the same ones, in order)
+                    whole = gather_distributed_param(tensor)
+                    if self.is_global_zero:  # one whole model, in CPU memory
+                        state[name] = whole.cpu()
         else:
             state = self.lightning_module.state_dict()
         return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}

@@ -27,24 +27,6 @@ def test_a_colossalai_folder_resumes_under_the_plugin_that_wrote_it(tmp_path):
 
 
 @needs_colossalai
-def test_a_colossalai_folder_resumes_under_the_tensor_parallel_size_that_wrote_it(tmp_path):
-    """Colossal-AI stores a fused projection's optimizer states as the tensor-parallel ranks' parts in turn:
-    under another tp_size they would load into the wrong rows. The folder says its size, and is refused."""
-    from moxin.colossalai_strategy import PLUGIN_KEY, TP_KEY, ColossalAIStrategy
-
-    folder = tmp_path / "step-2.ckpt"
-    folder.mkdir()
-    torch.save({PLUGIN_KEY: "hybrid_parallel", TP_KEY: 2, "global_step": 2}, folder / "meta.pt")
-    for tp in (1, 4):
-        strategy = ColossalAIStrategy(plugin="hybrid_parallel", plugin_options={"tp_size": tp})
-        with pytest.raises(ValueError, match=f"tp_size=2, and this run has {tp}.*init_from="):
-            strategy.load_checkpoint(folder)
-    torch.save({PLUGIN_KEY: "hybrid_parallel", "global_step": 2}, folder / "meta.pt")  # written before tp_size
-    with pytest.raises(ValueError, match="tp_size=1, and this run has 2"):
-        ColossalAIStrategy(plugin="hybrid_parallel", plugin_options={"tp_size": 2}).load_checkpoint(folder)
-
-
-@needs_colossalai
 def test_a_discarded_lightning_wrapper_leaves_the_boosted_optimizer_alone():
     """Lightning's optimizer wrapper derives its class from the wrapped optimizer's. ZeRO's optimizer
     removes its gradient hooks in __del__: a wrapper discarded when the strategy's optimizers were set
@@ -158,6 +140,19 @@ def test_colossalai_refuses_grpo_but_under_ddp_and_gemini_the_eval_callback(make
     assert len(eval_callbacks(cfg, None, tmp_path, whole)) == 1
 
 
+def test_a_fused_projections_rows_go_between_the_ranks_shards_and_the_whole_matrix():
+    """Under tensor parallelism each rank holds its rows of every part of wqkv (queries, keys, values): the
+    shards one after another are not the whole matrix, whose parts each hold their ranks' rows in turn."""
+    from moxin.colossalai_tp import reorder_fused_rows
+
+    whole = torch.arange(8.0)[:, None].expand(8, 3)  # q rows 0-3, k rows 4-5, v rows 6-7
+    shards = torch.tensor([0.0, 1, 4, 6, 2, 3, 5, 7])[:, None].expand(8, 3)  # rank 0: q 0-1, k 4, v 6; rank 1 ...
+    assert torch.equal(reorder_fused_rows(shards, [4, 2, 2], 2, parts_first=True), whole)
+    assert torch.equal(reorder_fused_rows(whole, [4, 2, 2], 2, parts_first=False), shards)
+    assert torch.equal(reorder_fused_rows(shards.T, [4, 2, 2], 2, parts_first=True, dim=1), whole.T)
+    assert torch.equal(reorder_fused_rows(whole, [4, 2, 2], 1, parts_first=True), whole)  # one rank: as it is
+
+
 def test_colossalai_tensor_parallel_options_are_checked_before_a_run_starts():
     """HybridParallelPlugin's tp_size splits the blocks (moxin/colossalai_tp.py) and its groups share their
     batches; its own pipeline and sequence parallelism are refused, naming what to use instead."""
@@ -175,10 +170,30 @@ def test_colossalai_tensor_parallel_options_are_checked_before_a_run_starts():
         hybrid(sp_size=2)
     with pytest.raises(ValueError, match="tp_size=0 must be a whole number"):
         hybrid(tp_size=0)
+    with pytest.raises(ValueError, match="enable_all_optimization, enable_flash_attention would do nothing.*"
+                                         "hardware.activation_checkpointing"):
+        hybrid(tp_size=2, enable_flash_attention=True, enable_all_optimization=True)
     cfg = ModelConfig(vocab_size=64, dim=48, n_layers=1, n_heads=6, n_kv_heads=2, hidden_dim=96, max_seq_len=16)
     check_divides(cfg, 2)
     with pytest.raises(ValueError, match="tp_size=3 does not divide model.n_kv_heads=2"):
         check_divides(cfg, 3)
+
+
+def test_a_run_stops_when_the_policy_split_no_block():
+    """Unsplit, every rank of a tensor-parallel group would run the whole model on the group's batch and
+    match one process: the 2-rank test could not tell. The strategy checks the first block after boosting."""
+    from moxin.colossalai_tp import check_split
+    from moxin.model import Transformer
+
+    cfg = ModelConfig(vocab_size=64, dim=48, n_layers=1, n_heads=6, n_kv_heads=2, hidden_dim=96, max_seq_len=16)
+    model = Transformer(cfg)
+    with pytest.raises(RuntimeError, match="tp_size=2: the blocks were not split"):
+        check_split(torch.nn.ModuleDict({"model": model}), 2)
+    attention = model.layers[0].attention  # what the policy makes of it on one of 2 ranks
+    attention.n_heads, attention.n_kv_heads = 3, 1
+    attention.qkv_sizes = [size // 2 for size in attention.qkv_sizes]
+    attention.wqkv = torch.nn.Linear(48, sum(attention.qkv_sizes), bias=False)
+    check_split(torch.nn.ModuleDict({"model": model}), 2)
 
 
 @needs_colossalai

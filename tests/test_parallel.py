@@ -259,29 +259,29 @@ STRATEGIES = {
     "pp": ("hardware=fsdp", "hardware.fsdp.param_dtype=null", "hardware.fsdp.pipeline_parallel=2",
            "context.micro_batch_size=4", "phase.accumulate_grad_batches=2", "phase.limit_val_batches=4"),
     "colossalai_ddp": ("hardware=colossalai_ddp",),
-    # HybridParallelPlugin data parallel, and its tensor parallelism (moxin's shardformer policy) over both
-    # ranks, as "tp" above.
-    "colossalai_hybrid_dp": ("hardware=colossalai_hybrid", "hardware.colossalai.options.precision=fp32",
-                             "hardware.colossalai.options.zero_stage=0"),
+    # HybridParallelPlugin's tensor parallelism (moxin's shardformer policy) over both ranks, as "tp" above;
+    # its data parallelism runs in the resume (RESUMED_AS).
     "colossalai_hybrid": ("hardware=colossalai_hybrid", "hardware.colossalai.options.precision=fp32",
                           "hardware.colossalai.options.zero_stage=0", "hardware.colossalai.options.tp_size=2",
                           "context.micro_batch_size=8"),
 }
 
 
-# The tensor-parallel run resumes without tensor parallelism (2 data-parallel ranks of 4 rows): its
-# checkpoint's split projections load into the fused ones (moxin/tp_checkpoint.py). The fsdp run
+# The tensor-parallel runs resume without tensor parallelism (2 data-parallel ranks of 4 rows): tp's
+# checkpoint's split projections load into the fused ones (moxin/tp_checkpoint.py), colossalai_hybrid's
+# optimizer states of the fused projections into the whole rows (moxin/colossalai_tp.py), and its steps
+# 5-9 check HybridParallelPlugin's data parallelism against the run that matched one process. The fsdp run
 # resumes under pipeline parallelism, and the pipeline run without it, accumulating 2 micro-batches of
 # 2 rows on each of 2 ranks: the stages load their parts of a whole model's folder and the reverse, and
 # the step count and the data position move between the modes' counters (match_loop_progress).
 RESUMED_AS = {"tp": ("hardware.fsdp.tensor_parallel=1", "context.micro_batch_size=4"),
+              "colossalai_hybrid": ("hardware.colossalai.options.tp_size=1", "context.micro_batch_size=4"),
               "fsdp": ("hardware.fsdp.pipeline_parallel=2", "phase.accumulate_grad_batches=2"),
               "pp": ("hardware.fsdp.pipeline_parallel=1", "context.micro_batch_size=2")}
 # Their resumes add no code path (each run is ~12 s of the suite's budget): ddp's checkpoint is the
 # single file of one process, and fsdp's resume restores the data position of 2 ranks;
-# colossalai_ddp's booster checkpoints are resumed by GRPO's test below, colossalai_hybrid_dp's by
-# colossalai_hybrid (the same plugin and checkpoint code, with tensor parallelism).
-RESUMED_ELSEWHERE = ("ddp", "colossalai_ddp", "colossalai_hybrid_dp")
+# colossalai_ddp's booster checkpoints are resumed by GRPO's test below.
+RESUMED_ELSEWHERE = ("ddp", "colossalai_ddp")
 
 
 # The multi-node path, on one node: torchrun starts the ranks (Lightning reads its environment instead
@@ -289,7 +289,7 @@ RESUMED_ELSEWHERE = ("ddp", "colossalai_ddp", "colossalai_hybrid_dp")
 # colossalai_ddp start their ranks through Lightning (its launcher, under DDP, FSDP2 and Colossal-AI);
 # the other two-process runs use torchrun, which is quicker.
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")  # --standalone: a free port
-LAUNCHED_BY_TORCHRUN = ("fsdp", "tp", "pp", "colossalai_hybrid", "colossalai_hybrid_dp")
+LAUNCHED_BY_TORCHRUN = ("fsdp", "tp", "pp", "colossalai_hybrid")
 
 
 def start_run(root: Path, *overrides: str, experiment: str = "tiny_debug", torchrun: bool = False,
