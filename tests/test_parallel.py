@@ -774,9 +774,14 @@ GPU_STRATEGIES = {
     "colossalai_zero2": ("hardware=colossalai_zero2",),
     "colossalai_gemini": ("hardware=colossalai_gemini",),
     "fsdp_bf16": ("hardware=fsdp", "hardware.compile=true"),
+    # HybridParallelPlugin in bf16 with ZeRO-1 (its mixed-precision optimizer), and its tensor parallelism.
+    "colossalai_hybrid_bf16": ("hardware=colossalai_hybrid",),
+    "colossalai_hybrid_tp_bf16": ("hardware=colossalai_hybrid", "hardware.colossalai.options.tp_size=2"),
     # Pipeline stages over NCCL (2 GPUs): send/recv of bf16 activations, 1F1B with 2 micro-batches.
     "fsdp_pipeline_bf16": ("hardware=fsdp", "hardware.fsdp.pipeline_parallel=2", "phase.accumulate_grad_batches=2"),
 }
+TWO_GPUS = {"fsdp_pipeline_bf16": "pipeline parallelism needs 2 GPUs, one per stage",
+            "colossalai_hybrid_tp_bf16": "tensor parallelism over 2 ranks needs 2 GPUs"}
 
 
 @pytest.mark.slow
@@ -785,8 +790,8 @@ GPU_STRATEGIES = {
 def test_gpu_strategies_train_save_and_resume(name, tmp_path):
     if name.startswith("colossalai") and not colossalai_available():
         pytest.skip("colossalai is not installed (make install-colossalai)")
-    if "pipeline" in name and torch.cuda.device_count() < 2:
-        pytest.skip("pipeline parallelism needs 2 GPUs, one per stage")
+    if name in TWO_GPUS and torch.cuda.device_count() < 2:
+        pytest.skip(TWO_GPUS[name])
     gpus = ("hardware.accelerator=gpu", f"hardware.devices={min(2, torch.cuda.device_count())}")
     assert_trains_saves_and_resumes(tmp_path, *GPU_STRATEGIES[name], *gpus)
 

@@ -6,11 +6,12 @@
 #   2. experiments/gpu/fsdp_check.py: bf16 FSDP2 + activation checkpointing + inductor, and generation
 #      from the gathered weights (GRPO's rollouts), against a plain bf16-autocast model;
 #   3. tests/test_parallel.py -k gpu_strategies, one strategy at a time (bf16 FSDP through run.py,
-#      Colossal-AI ZeRO-2 and Gemini, and on 2 GPUs the pipeline stages), where the project's
-#      dependencies are importable (`make install install-colossalai`, or carried wheels on PYTHONPATH).
+#      Colossal-AI ZeRO-2, Gemini and hybrid, and on 2 GPUs its tensor parallelism and the pipeline
+#      stages), where the project's dependencies are importable (`make install install-colossalai`,
+#      or carried wheels on PYTHONPATH).
 # Each step gets what is left of the time, up to its own cap; logs and the JSON lines go to $OUT
 # (default outputs/gpu_checks). Exits non-zero if a check failed or ran out of time.
-# CHECKS (default "mfu fsdp tests") and STRATEGIES (default: all four) choose what runs. Wheels that
+# CHECKS (default "mfu fsdp tests") and STRATEGIES (default: all six) choose what runs. Wheels that
 # experiments/gpu/fetch_wheels.sh left in .whl/ are installed first, for an image without an index.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,7 +21,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 deadline=${CHECKS_SECONDS:-560}
 checks=${CHECKS:-mfu fsdp tests}
-strategies=${STRATEGIES:-fsdp_bf16 colossalai_zero2 colossalai_gemini fsdp_pipeline_bf16}
+# (the ones no GPU has passed yet first; fsdp_bf16 passed on an H200)
+strategies=${STRATEGIES:-colossalai_zero2 colossalai_gemini colossalai_hybrid_bf16 fsdp_bf16 colossalai_hybrid_tp_bf16 fsdp_pipeline_bf16}
 status=0
 
 rm -f "$out"/{mfu,fsdp_check}.log "$out/results.jsonl"  # no results of an earlier run mixed in
