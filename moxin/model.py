@@ -146,6 +146,15 @@ def same_sequence(query_segments: torch.Tensor, key_segments: torch.Tensor) -> t
     return (query_segments[:, :, None] == key_segments[:, None, :])[:, None]
 
 
+def packed_layout(segments: torch.Tensor, window: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rotary positions (B, T) and attention mask (B, 1, T, T) of packed rows. Rows longer than the
+    window get no mask: attention builds it per block of the window (windowed_attention)."""
+    T = segments.shape[1]
+    mask = None if window is not None and T > window else (
+        same_sequence(segments, segments) & sliding_window_mask(T, T, window, segments.device))
+    return packed_positions(segments), mask
+
+
 def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                        segments: torch.Tensor | None = None) -> torch.Tensor:
     """Causal sliding-window attention, one block of W queries at a time.
@@ -304,10 +313,7 @@ class Transformer(nn.Module):
         elif segments is not None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"rows of {T} tokens exceed max_seq_len {self.config.max_seq_len}")
-            positions, window = packed_positions(segments), self.config.sliding_window
-            # Rows within the window: one (T x T) mask. Longer rows: attention builds it per block of W.
-            mask = None if window is not None and T > window else (
-                same_sequence(segments, segments) & sliding_window_mask(T, T, window, segments.device))
+            positions, mask = packed_layout(segments, self.config.sliding_window)
         else:
             if start_pos + T > self.config.max_seq_len:
                 raise ValueError(

@@ -1,11 +1,12 @@
-"""Pipeline parallelism for pretraining: the model's blocks split into consecutive stages, one per rank
-of a pipeline group, trained by PyTorch's `torch.distributed.pipelining` schedules (GPipe, 1F1B).
+"""Pipeline parallelism for pretraining and SFT: the model's blocks split into consecutive stages, one per
+rank of a pipeline group, trained by PyTorch's `torch.distributed.pipelining` schedules (GPipe, 1F1B).
 
 - `split_model(model, stage, stages)`: this rank's `StageModel`, whose parameters keep the names they
   have in the whole `Transformer` (`layers.18.attention.wqkv.weight`), so a stage's distributed
   checkpoint holds the same keys as an unsplit run's: checkpoints move between pipeline sizes.
 - `PipelineRunner`: one optimizer step's micro-batches through the schedule (forward and backward),
-  validation forwards, and the gradient norm over every stage.
+  validation forwards, and the gradient norm over every stage. Packed rows (SFT) take their `segments`
+  to every stage, which builds their positions and attention mask from them.
 - `gather_stages(stage_model, device)`: the stages' weights together on global rank 0 (export).
 
 Composes with FSDP2 (each stage sharded over its data-parallel ranks) and tensor parallelism (each
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moxin.losses import linear_cross_entropy
-from moxin.model import Transformer, rope_cos_sin
+from moxin.model import Transformer, packed_layout, rope_cos_sin
 from moxin.parallel import reshard
 
 
@@ -52,14 +53,19 @@ class StageModel(nn.Module):
         if self.last:
             self.norm, self.output = model.norm, model.output
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """`segments` (B, T): the sequence each token belongs to, for rows packing several (as
+        Transformer.hidden_states); every stage takes them."""
         if x.shape[1] > self.config.max_seq_len:
             raise ValueError(f"rows of {x.shape[1]} tokens exceed max_seq_len {self.config.max_seq_len}")
         h = self.tok_embeddings(x) if self.first else x  # (B, T, dim)
-        positions = torch.arange(h.shape[1], device=h.device)
+        if segments is None:  # causal; attention applies the sliding window itself
+            positions, mask = torch.arange(h.shape[1], device=h.device), None
+        else:
+            positions, mask = packed_layout(segments, self.config.sliding_window)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         for block in self.layers.values():
-            h = block(h, cos, sin, None)  # causal; attention applies the sliding window itself
+            h = block(h, cos, sin, mask, None, segments)
         return self.norm(h) if self.last else h
 
 
@@ -76,7 +82,7 @@ class PipelineRunner:
     tokens, the last its labels, and the loss is returned to every stage."""
 
     def __init__(self, stage_model: StageModel, mesh, microbatches: int, schedule: str, device: torch.device,
-                 compute_dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None, loss_fn=None):
         from torch.distributed.pipelining import PipelineStage
         from torch.distributed.pipelining.schedules import get_schedule_class
 
@@ -85,42 +91,50 @@ class PipelineRunner:
         # FSDP's compute dtype (bf16 under its mixed precision; None: the weights' own).
         self.device, self.compute_dtype = device, compute_dtype
         stage = PipelineStage(stage_model, self.stage, self.stages, device, group=self.group)
-        # Each micro-batch's loss is its mean token loss / micro-batches, and the gradients are their sum
-        # (scale_grads=False): the step's gradient is the mean over micro-batches, as under accumulation.
+        # The gradients are the sum of the micro-batches' (scale_grads=False): each micro-batch's loss is
+        # its share of the step's, by default its mean token loss / micro-batches (the mean over them, as
+        # under accumulation); `loss_fn(hidden, labels)` gives another (SFT: token sums over the step's).
+        self.loss_fn = loss_fn or self.mean_token_loss
         self.schedule = get_schedule_class(schedule)(stage, microbatches, loss_fn=self._loss, scale_grads=False)
 
-    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def mean_token_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return linear_cross_entropy(hidden, self.model.output.weight, labels) / self.microbatches
 
-    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(hidden, labels)
+
+    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                   segments: torch.Tensor | None = None) -> torch.Tensor:
         """One optimizer step's forward and backward passes over its micro-batches (the batch's rows split
         in `microbatches` equal parts); the gradients are left in the stage's parameters. Returns the
-        step's loss (the mean of the micro-batches' losses) on every stage."""
+        sum of the micro-batches' losses (by default the step's mean loss) on every stage."""
         if input_ids.shape[0] % self.microbatches:
             raise ValueError(f"a batch of {input_ids.shape[0]} rows does not split into {self.microbatches} "
                              "equal pipeline micro-batches")
         losses: list[torch.Tensor] = []
         first, last = self.model.first, self.model.last
+        per_row = {} if segments is None else {"segments": segments}  # split into micro-batches like the rows
         self.schedule.step(*([input_ids] if first else []), target=labels if last else None, losses=losses,
-                           return_outputs=False)
+                           return_outputs=False, **per_row)
         return self._from_last_stage(torch.stack(losses).sum().detach() if last else None)
 
     @torch.no_grad()
-    def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The batch's mean token loss, forward only (validation), on every stage: each stage receives
-        its input from the previous one and sends its output on, the batch as one micro-batch."""
+    def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor | None = None,
+                  reduction: str = "mean") -> torch.Tensor:
+        """The batch's mean (or sum of) token loss, forward only (validation), on every stage: each stage
+        receives its input from the previous one and sends its output on, the batch as one micro-batch."""
         # What flows between stages: the blocks' compute dtype (the stored weights' under bf16-true or fp32).
         dtype = self.compute_dtype or next(self.model.parameters()).dtype
         h = input_ids
         if not self.model.first:
             h = torch.empty(*input_ids.shape, self.model.config.dim, dtype=dtype, device=self.device)
             dist.recv(h, group=self.group, group_src=self.stage - 1)
-        out = self.model(h)
+        out = self.model(h, segments)
         loss = None
         if not self.model.last:
             dist.send(out.to(dtype).contiguous(), group=self.group, group_dst=self.stage + 1)
         else:
-            loss = linear_cross_entropy(out, self.model.output.weight, labels)
+            loss = linear_cross_entropy(out, self.model.output.weight, labels, reduction=reduction)
         reshard(self.model)  # no backward pass frees what FSDP gathered (an optimizer step would not reach it)
         return self._from_last_stage(loss)
 

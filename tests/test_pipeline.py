@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 
 from moxin.model import ModelConfig, Transformer
-from moxin.modules import PretrainModule, SFTModule
+from moxin.modules import DPOModule, PretrainModule, SFTModule
 from moxin.modules.base import OptimConfig
 from moxin.parallel import ParallelConfig
 from moxin.pipeline import split_model, stage_layers
@@ -70,13 +70,16 @@ def test_pipeline_settings_are_checked():
         parallel.data_parallel(6)
 
 
-def test_only_pretraining_runs_as_pipeline_micro_batches_and_1f1b_needs_enough_of_them():
+def test_only_pretraining_and_sft_run_as_pipeline_micro_batches_and_1f1b_needs_enough_of_them():
     parallel = ParallelConfig(strategy="fsdp", fsdp={"pipeline_parallel": 4})
     with torch.device("meta"):
-        sft, pretrain = SFTModule(CONFIG, OptimConfig()), PretrainModule(CONFIG, OptimConfig())
-    sft.parallel = pretrain.parallel = parallel
-    with pytest.raises(ValueError, match="pipeline_parallel runs the pretraining phases; SFTModule"):
-        sft.use_pipeline(8, 1.0)
+        dpo, sft = DPOModule(CONFIG, OptimConfig()), SFTModule(CONFIG, OptimConfig())
+        pretrain = PretrainModule(CONFIG, OptimConfig())
+    dpo.parallel = sft.parallel = pretrain.parallel = parallel
+    with pytest.raises(ValueError, match="pipeline_parallel runs the pretraining and SFT phases; DPOModule"):
+        dpo.use_pipeline(8, 1.0)
+    sft.use_pipeline(8, 1.0)
+    assert not sft.automatic_optimization and sft.pipeline_microbatches == 8
     with pytest.raises(ValueError, match=r"1F1B pipeline schedule needs at least as many micro-batches.*\(4\); "
                                          "this run has 2"):
         pretrain.use_pipeline(2, 1.0)

@@ -466,8 +466,7 @@ class ChatDataModule(ResumableDataModule):
     def train_dataloader(self):
         if self.train_dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
-        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
-        self.train_dataset.fit_to_steps(self.micro_batch_size * accumulate * self.world_size())
+        self.train_dataset.fit_to_steps(self.samples_per_step())  # (a pipeline's batch holds a whole step)
         self.summary["train_items_dropped_to_fill_steps"] = self.train_dataset.dropped
         return super().train_dataloader()
 

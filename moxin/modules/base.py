@@ -151,7 +151,8 @@ class MoxinModule(L.LightningModule):
             fsdp_options = self.parallel.fsdp
             self.pipeline_runner = PipelineRunner(self.model, pp_mesh, self.pipeline_microbatches,
                                                   fsdp_options.pipeline_schedule, self.trainer.strategy.root_device,
-                                                  compute_dtype=DTYPES.get(fsdp_options.param_dtype))
+                                                  compute_dtype=DTYPES.get(fsdp_options.param_dtype),
+                                                  loss_fn=self.pipeline_loss)
         reference = getattr(self, "reference", None)
         if isinstance(reference, torch.nn.Module) and fsdp:
             parallelize(reference, ParallelConfig(strategy="fsdp", fsdp=self.parallel.fsdp), mesh, tp_mesh)
@@ -166,9 +167,9 @@ class MoxinModule(L.LightningModule):
         """Train under pipeline parallelism: each batch is one optimizer step's `microbatches` micro-batches
         together, which the stages' schedule runs; the module steps the optimizer and clips itself."""
         if not self.supports_pipeline:
-            raise ValueError(f"hardware.fsdp.pipeline_parallel runs the pretraining phases; {type(self).__name__} "
-                             "needs the whole model on each rank (its losses are not one token loss per "
-                             "micro-batch); use tensor_parallel or FSDP alone for it")
+            raise ValueError(f"hardware.fsdp.pipeline_parallel runs the pretraining and SFT phases; "
+                             f"{type(self).__name__} needs the whole model on each rank (its losses are not token "
+                             "losses of one micro-batch); use tensor_parallel or FSDP alone for it")
         stages, schedule = self.parallel.pipeline_parallel, self.parallel.fsdp.pipeline_schedule
         if schedule == "1F1B" and microbatches < stages:
             raise ValueError(f"the 1F1B pipeline schedule needs at least as many micro-batches per optimizer step as "
@@ -177,14 +178,20 @@ class MoxinModule(L.LightningModule):
         self.automatic_optimization = False
         self.pipeline_microbatches, self.max_grad_norm = microbatches, max_grad_norm
 
-    supports_pipeline = False  # whether the phase's loss runs as pipeline micro-batches (PretrainModule)
+    supports_pipeline = False  # whether the phase's loss runs as pipeline micro-batches (pretraining, SFT)
+    pipeline_loss = None  # the loss of a micro-batch under the pipeline, (hidden, labels) -> its share of the step's
+    # (None: its mean token loss / micro-batches)
+
+    def pipeline_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What every stage takes beside the tokens (SFT: the packed rows' segments)."""
+        return {}
 
     def pipeline_training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """One optimizer step under pipeline parallelism: the schedule's forward and backward passes over
         the step's micro-batches, the gradient norm clipped over all stages, then the optimizer and LR
         schedule. Returns the step's loss (every stage has it), or None for a dropped step."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        loss = self.pipeline_runner.train_step(batch["input_ids"], batch["labels"])
+        loss = self.pipeline_runner.train_step(batch["input_ids"], batch["labels"], **self.pipeline_inputs(batch))
         if self.nonfinite(loss):  # policy skip (stop raises): the step's gradients are dropped
             self.drop_step(optimizer, scheduler)
             return None

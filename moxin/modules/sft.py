@@ -3,19 +3,21 @@
 Rows hold several packed conversations (moxin/data/chat_data.py); the model computes each one
 independently. The loss is the sum of the token losses over the trained tokens of the whole
 optimizer step (every micro-batch and every rank), so a long reply weighs the same whichever
-micro-batch or device it lands on.
+micro-batch or device it lands on. Under pipeline parallelism (hardware.fsdp.pipeline_parallel) each
+batch is a whole step's micro-batches, which the stages' schedule runs with the same loss.
 """
 
 from __future__ import annotations
 
 import torch
 
-from moxin.losses import IGNORE_INDEX
+from moxin.losses import IGNORE_INDEX, linear_cross_entropy
 from moxin.modules.base import MoxinModule
 
 
 class SFTModule(MoxinModule):
     data_format = "sft"
+    supports_pipeline = True  # token losses summed over the step's trained tokens: any micro-batch split
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of the trained tokens' losses, number of trained tokens) of a micro-batch."""
@@ -28,25 +30,49 @@ class SFTModule(MoxinModule):
         total = self.head_loss(hidden[trained], batch["labels"][trained], reduction="sum")
         return total, trained.sum()
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        total, trained = self.loss_sum(batch)
-        world = self.data_parallel_size
-        accumulate = self.trainer.accumulate_grad_batches
-        # Lightning divides each micro-batch's loss by the accumulation count and DDP averages the
-        # gradients over the data-parallel ranks; multiplying both back leaves
-        # d(step's loss sum / step's trained tokens).
-        loss = total * (world * accumulate) / batch["step_tokens"][0].clamp(min=1)
-        if self.nonfinite(loss):
-            return self.zero_loss()
-        if (batch_idx + 1) % accumulate == 0:  # the step's trained tokens, all micro-batches and ranks
-            self.tokens_seen += int(batch["step_tokens"][0])
-        self.log("train/loss", total / trained.clamp(min=1), on_step=True, prog_bar=True)
+    def step_scale(self, step_tokens: torch.Tensor) -> float:
+        """What a micro-batch's loss sum is multiplied by so that the gradients, after the data-parallel
+        ranks' mean (and under Lightning's accumulation, its division by the micro-batches), are those of
+        the step's loss sum over the step's trained tokens on all ranks."""
+        accumulate = self.trainer.accumulate_grad_batches if self.pipeline_runner is None else 1
+        return self.data_parallel_size * accumulate / float(step_tokens.clamp(min=1))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        self.log_lr()  # (the pipeline's step moves the schedule on)
+        trained = int((batch["labels"] != IGNORE_INDEX).sum())
+        self._scale = self.step_scale(batch["step_tokens"][0])
+        if self.pipeline_runner is not None:  # the batch is a whole optimizer step's micro-batches
+            loss = self.pipeline_training_step(batch)
+            if loss is None:
+                return None  # a non-finite loss, policy skip: the step was dropped
+            total = loss / self._scale  # this rank's sum over the step's trained tokens
+        else:
+            total, _ = self.loss_sum(batch)
+            loss = total * self._scale
+            if self.nonfinite(loss):
+                return self.zero_loss()
+        if self.pipeline_runner is not None or (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            self.tokens_seen += int(batch["step_tokens"][0])  # the step's trained tokens, all micro-batches and ranks
+        self.log("train/loss", total / max(trained, 1), on_step=True, prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen), on_step=True)
-        self.log_lr()
         return loss
 
+    def pipeline_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"segments": batch["segments"]}
+
+    def pipeline_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's share of the step's loss, on the last stage (which holds the LM head)."""
+        trained = labels != IGNORE_INDEX
+        return linear_cross_entropy(hidden[trained], self.model.output.weight, labels[trained],
+                                    reduction="sum") * self._scale
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        total, trained = self.loss_sum(batch)
+        if self.pipeline_runner is not None:
+            total = self.pipeline_runner.eval_loss(batch["input_ids"], batch["labels"], batch["segments"],
+                                                   reduction="sum")
+            trained = (batch["labels"] != IGNORE_INDEX).sum()
+        else:
+            total, trained = self.loss_sum(batch)
         # Weighted by trained tokens: the epoch value is the token-level mean over the validation set.
         self.log("val/loss", total / trained.clamp(min=1), prog_bar=True, sync_dist=True,
                  batch_size=int(trained))
