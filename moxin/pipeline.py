@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moxin.losses import linear_cross_entropy
+from moxin.losses import IGNORE_INDEX, linear_cross_entropy
 from moxin.model import Transformer, packed_layout, rope_cos_sin
 from moxin.parallel import reshard
 
@@ -134,6 +134,9 @@ class PipelineRunner:
         if not self.model.last:
             dist.send(out.to(dtype).contiguous(), group=self.group, group_dst=self.stage + 1)
         else:
+            if (labels == IGNORE_INDEX).any():  # prompts and padding (SFT) need not reach the LM head
+                keep = labels != IGNORE_INDEX
+                out, labels = out[keep], labels[keep]
             loss = linear_cross_entropy(out, self.model.output.weight, labels, reduction=reduction)
         reshard(self.model)  # no backward pass frees what FSDP gathered (an optimizer step would not reach it)
         return self._from_last_stage(loss)

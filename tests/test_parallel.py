@@ -338,11 +338,10 @@ def validation_losses(run_dir: Path) -> list[float]:
         return [float(row["val/loss"]) for row in csv.DictReader(f) if row.get("val/loss")]
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """The reference: one process with the global batch of two (2 x 4 rows). Started at once, beside the
-    first strategy's run; calling the fixture's value waits for it: (train/loss per step, run folder)."""
-    started, finished = start_run(tmp_path_factory.mktemp("one_process"), "context.micro_batch_size=8"), []
+def reference_run(root: Path, *overrides: str, experiment: str = "tiny_debug"):
+    """A module fixture's reference run: started at once, beside the first test's own run; calling the
+    fixture's value waits for it: (train/loss per step, run folder)."""
+    started, finished = start_run(root, *overrides, experiment=experiment), []
 
     def result() -> tuple[dict[int, float], Path]:
         if not finished:
@@ -353,6 +352,22 @@ def one_process(tmp_path_factory):
     started[0].kill()  # (no test waited for it: the ones that did found it ended)
     started[0].wait()
     started[1].close()
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: one process with the global batch of two (2 x 4 rows)."""
+    yield from reference_run(tmp_path_factory.mktemp("one_process"), "context.micro_batch_size=8")
+
+
+SFT = ("+experiment=sft_tulu3", "+scale=tiny", "phase.init_from=null", "phase.max_steps=6")
+
+
+@pytest.fixture(scope="module")
+def one_process_sft(tmp_path_factory):
+    """SFT's reference: one process with the global batch of 8 rows."""
+    yield from reference_run(tmp_path_factory.mktemp("one_process_sft"), *SFT, "context.micro_batch_size=8",
+                             experiment="sft_tulu3")
 
 
 @pytest.mark.slow
@@ -406,23 +421,24 @@ def assert_same_exports(run_dir: Path, expected_dir: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["fsdp", "pp"])
-def test_two_process_sft_equals_one_process(name, tmp_path):
+def test_two_process_sft_equals_one_process(name, one_process_sft, tmp_path):
     """SFT divides each micro-batch's loss by the trained tokens of its whole optimizer step on all ranks
     (step_tokens): right only if the ranks' micro-batches of a step are that step's items, in order.
     Its rows pack several conversations (segments), which FSDP's sharded blocks must keep apart too, and
     under the pipeline (2 stages, each step's 8 rows as 2 micro-batches of 4) every stage.
     (ddp counts the step's tokens by the same all-reduce: its run here added 20 s and no other code.)"""
-    sft = ("+experiment=sft_tulu3", "+scale=tiny", "phase.init_from=null", "phase.max_steps=6")
-    one = start_run(tmp_path / "one", *sft, "context.micro_batch_size=8", experiment="sft_tulu3")
-    _, two = train_run(tmp_path / "two", *sft, *STRATEGIES[name], *TWO_PROCESSES, experiment="sft_tulu3",
-                       torchrun=True)
-    _, one = finish_run(one)
+    losses, two = train_run(tmp_path / "two", *SFT, *STRATEGIES[name], *TWO_PROCESSES, experiment="sft_tulu3",
+                            torchrun=True)
+    reference, one = one_process_sft()
     expected, trained = load_model(str(one)).state_dict(), load_model(str(two)).state_dict()
     for key, tensor in expected.items():
         difference = torch.linalg.vector_norm(trained[key] - tensor) / torch.linalg.vector_norm(tensor)
         assert difference < 1e-4, (key, float(difference))
-    if name == "pp":  # one replica validates the same rows, through the stages (2 ranks would share them out,
-        # DistributedSampler repeating rows to even them out)
+    if name == "pp":  # one replica, like the reference: each step's loss is the same token mean of 8 rows
+        assert losses == pytest.approx(reference, rel=1e-5)
+        assert train_metrics(two, "train/tokens") == train_metrics(one, "train/tokens")
+        # It validates the same rows, through the stages (all 13 of the tiny set: 4 batches of 4 would hold
+        # 16; 2 data-parallel ranks would share them out, DistributedSampler repeating rows to even them).
         assert validation_losses(two) == pytest.approx(validation_losses(one), rel=1e-5)
 
 

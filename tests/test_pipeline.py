@@ -12,6 +12,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from moxin.losses import IGNORE_INDEX, linear_cross_entropy
 from moxin.model import ModelConfig, Transformer
 from moxin.modules import DPOModule, PretrainModule, SFTModule
 from moxin.modules.base import OptimConfig
@@ -45,6 +46,50 @@ def test_chained_stages_compute_the_whole_model_under_its_parameter_names():
     assert sum(len(n) for n in names) == len(model.state_dict())
     assert "tok_embeddings.weight" in names[0] and {"norm.weight", "output.weight"} <= names[2]
     assert "layers.4.ffn_norm.weight" in names[2] and "layers.1.ffn_norm.weight" in names[0]
+    # Packed rows (SFT): every stage takes the segments, within the window (one mask) and beyond it.
+    for length in (6, 12):
+        rows = tokens[:, :length]
+        segments = torch.tensor([[0] * (length - 4) + [1] * 4, [0] * 3 + [1] * (length - 3)])
+        hidden = rows
+        for stage in stages:
+            hidden = stage(hidden, segments)
+        assert torch.equal(hidden, model.hidden_states(rows, segments=segments))
+        assert not torch.allclose(hidden, model.hidden_states(rows))  # (the segments matter)
+
+
+def test_sft_under_the_pipeline_scales_each_micro_batch_to_its_share_of_the_step():
+    """Each micro-batch's loss is its trained tokens' loss sum x data-parallel ranks / the step's trained
+    tokens on all ranks: after FSDP's mean over the ranks and the schedule's sum over micro-batches, the
+    gradient of the step's loss sum over its trained tokens. The logged loss is the rank's token mean."""
+    module = SFTModule(CONFIG, OptimConfig())
+    module._trainer = types.SimpleNamespace(world_size=1, accumulate_grad_batches=1, strategy=types.SimpleNamespace(
+        distributed_sampler_kwargs={"rank": 0, "num_replicas": 2}))
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
+    module.log_lr = lambda: None
+    labels = torch.randint(0, CONFIG.vocab_size, (2, 6))
+    labels[0, :4] = IGNORE_INDEX  # a prompt: not trained
+    batch = {"input_ids": torch.zeros(2, 6, dtype=torch.long), "labels": labels, "segments": torch.zeros(2, 6),
+             "step_tokens": torch.tensor([40.0, 40.0])}
+    hidden = torch.randn(2, 6, CONFIG.dim)
+    trained = labels != IGNORE_INDEX
+    token_sum = linear_cross_entropy(hidden[trained], module.model.output.weight, labels[trained], reduction="sum")
+
+    class Runner:  # the schedule's loss calls, as on the last stage: the step's two micro-batches, one row each
+        def train_step(self, input_ids, labels, segments=None):
+            assert segments is None  # unpacked rows: the stages keep plain causal attention
+            return sum(module.pipeline_loss(hidden[i:i + 1], labels[i:i + 1]) for i in range(2)).detach()
+
+    module.pipeline_runner, module.max_grad_norm = Runner(), None
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.0)
+    module.optimizers = lambda: optimizer
+    module.lr_schedulers = lambda: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loss = module.training_step(batch, 0)
+    assert float(loss) == pytest.approx(float(token_sum) * 2 / 40, rel=1e-5)  # 2 data-parallel ranks, 40 tokens
+    assert logged["train/loss"] == pytest.approx(float(token_sum) / int(trained.sum()), rel=1e-5)
+    assert module.tokens_seen == 40  # the step's, on all ranks
+    batch["segments"][1, 3:] = 1  # packed rows: every stage takes their segments
+    assert module.pipeline_inputs(batch)["segments"] is batch["segments"]
 
 
 def test_a_tied_head_cannot_be_split_from_its_embedding():

@@ -58,7 +58,8 @@ class SFTModule(MoxinModule):
         return loss
 
     def pipeline_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"segments": batch["segments"]}
+        # As loss_sum: unpacked rows keep plain causal attention (every stage has the same batch to decide on).
+        return {"segments": batch["segments"]} if batch["segments"].any() else {}
 
     def pipeline_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """A micro-batch's share of the step's loss, on the last stage (which holds the LM head)."""
@@ -68,8 +69,8 @@ class SFTModule(MoxinModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         if self.pipeline_runner is not None:
-            total = self.pipeline_runner.eval_loss(batch["input_ids"], batch["labels"], batch["segments"],
-                                                   reduction="sum")
+            total = self.pipeline_runner.eval_loss(batch["input_ids"], batch["labels"], reduction="sum",
+                                                   **self.pipeline_inputs(batch))
             trained = (batch["labels"] != IGNORE_INDEX).sum()
         else:
             total, trained = self.loss_sum(batch)
