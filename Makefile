@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # Colossal-AI 0.5.0 pins torch<=2.5.1 and transformers 4.51.3: installed without its dependencies,
-# then the modules it imports at run time. Its TorchDDPPlugin and HybridParallelPlugin(tp=1) run on
-# this torch (hardware=colossalai_ddp / colossalai_hybrid); ZeRO and Gemini need CUDA.
+# then the modules it imports at run time. Its TorchDDPPlugin and HybridParallelPlugin (data and tensor
+# parallel) run on this torch (hardware=colossalai_ddp / colossalai_hybrid); ZeRO and Gemini need CUDA.
 install-colossalai: $(COLOSSALAI_STAMP)
 
 $(COLOSSALAI_STAMP): $(STAMP)

@@ -61,7 +61,7 @@ def colossalai_available() -> bool:
 
 # HybridParallelPlugin options read only by Colossal-AI's own model policies (and their layers).
 UNUSED_BY_THE_POLICY = ("enable_all_optimization", "enable_flash_attention", "enable_fused_normalization",
-                        "enable_jit_fused", "gradient_checkpoint_config", "parallel_output", "fp8_communication")
+                        "enable_jit_fused", "gradient_checkpoint_config", "parallel_output")
 
 
 def check_hybrid_options(options: dict) -> None:
@@ -178,7 +178,8 @@ class ColossalAIStrategy(DDPStrategy):
 
     @property
     def tensor_parallel(self) -> int:
-        """Ranks that split each block (HybridParallelPlugin's tp_size) and share their batches."""
+        """Ranks that split each block (HybridParallelPlugin's tp_size) and share their batches (what
+        ParallelConfig.colossalai_tensor_parallel reads from the config, before the strategy exists)."""
         return self.plugin_options.get("tp_size", 1) if self.plugin_name == "hybrid_parallel" else 1
 
     @property

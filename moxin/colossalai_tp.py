@@ -29,7 +29,8 @@ from moxin.model import Block, Transformer
 
 
 def transformer_of(module: torch.nn.Module) -> Transformer:
-    """The (first) moxin Transformer inside a LightningModule: the policy, whose blocks are split."""
+    """The first moxin Transformer in a module: the trained model, whose config sizes the split (DPO's
+    reference is split by the same Block policy)."""
     for candidate in module.modules():
         if isinstance(candidate, Transformer):
             return candidate
@@ -65,7 +66,7 @@ def moxin_policy():
     )
 
     class MoxinPolicy(Policy):
-        def config_sanity_check(self):
+        def config_sanity_check(self):  # (a backstop: make_plugin refused these already, check_hybrid_options)
             config = self.shard_config
             if config.pipeline_stage_manager is not None:
                 raise ValueError("hardware.colossalai.options.pp_size > 1: the moxin policy splits blocks across "

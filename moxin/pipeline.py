@@ -95,13 +95,10 @@ class PipelineRunner:
         # its share of the step's, by default its mean token loss / micro-batches (the mean over them, as
         # under accumulation); `loss_fn(hidden, labels)` gives another (SFT: token sums over the step's).
         self.loss_fn = loss_fn or self.mean_token_loss
-        self.schedule = get_schedule_class(schedule)(stage, microbatches, loss_fn=self._loss, scale_grads=False)
+        self.schedule = get_schedule_class(schedule)(stage, microbatches, loss_fn=self.loss_fn, scale_grads=False)
 
     def mean_token_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return linear_cross_entropy(hidden, self.model.output.weight, labels) / self.microbatches
-
-    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(hidden, labels)
 
     def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor,
                    segments: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 deadline=${CHECKS_SECONDS:-560}
 checks=${CHECKS:-mfu fsdp tests}
-# (the ones no GPU has passed yet first; fsdp_bf16 passed on an H200)
+# (the one-GPU checks no GPU has passed yet first, then fsdp_bf16, which passed on an H200; the 2-GPU ones last)
 strategies=${STRATEGIES:-colossalai_zero2 colossalai_gemini colossalai_hybrid_bf16 fsdp_bf16 colossalai_hybrid_tp_bf16 fsdp_pipeline_bf16}
 status=0
 

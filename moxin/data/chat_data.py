@@ -316,12 +316,14 @@ class StepAlignedDataset(Dataset):
         self.dropped = 0  # items of the last, incomplete step: not served
 
     def fit_to_steps(self, items_per_step: int) -> None:
-        """Serve whole optimizer steps only (items_per_step = micro-batch x accumulation x devices),
+        """Serve whole optimizer steps only (items_per_step = micro-batch x micro-batches per step x
+        data-parallel replicas),
         so the last step is as large as the others."""
         usable = len(self.full_order) // items_per_step * items_per_step
         if usable == 0:
             raise ValueError(f"{len(self.full_order)} training items do not fill one optimizer step of "
-                             f"{items_per_step} (micro-batch x accumulation x devices); use more data or epochs")
+                             f"{items_per_step} (micro-batch x micro-batches per step x data-parallel "
+                             "replicas); use more data or epochs")
         self.order = self.full_order[:usable]
         self.dropped = len(self.full_order) - usable
 
@@ -466,7 +468,8 @@ class ChatDataModule(ResumableDataModule):
     def train_dataloader(self):
         if self.train_dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
-        self.train_dataset.fit_to_steps(self.samples_per_step())  # (a pipeline's batch holds a whole step)
+        # samples_per_step counts train_micro_batches: under the pipeline one loader batch is a whole step.
+        self.train_dataset.fit_to_steps(self.samples_per_step())
         self.summary["train_items_dropped_to_fill_steps"] = self.train_dataset.dropped
         return super().train_dataloader()
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from moxin.losses import IGNORE_INDEX, linear_cross_entropy
+from moxin.losses import IGNORE_INDEX
 from moxin.modules.base import MoxinModule
 
 
 class SFTModule(MoxinModule):
     data_format = "sft"
     supports_pipeline = True  # token losses summed over the step's trained tokens: any micro-batch split
+    # The current step's step_scale, set by training_step for pipeline_loss, which the pipeline's schedule
+    # calls with a micro-batch's hidden states and labels alone.
+    _step_scale: float | None = None
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of the trained tokens' losses, number of trained tokens) of a micro-batch."""
@@ -25,33 +28,34 @@ class SFTModule(MoxinModule):
         if not segments.any():  # one whole conversation per row: plain causal attention, no mask to build
             segments = None
         hidden = self.model.hidden_states(batch["input_ids"], segments=segments)
-        # The LM head only where a reply is trained: prompts and padding never reach it.
-        trained = batch["labels"] != IGNORE_INDEX
-        total = self.head_loss(hidden[trained], batch["labels"][trained], reduction="sum")
-        return total, trained.sum()
+        return self.trained_loss_sum(hidden, batch["labels"]), (batch["labels"] != IGNORE_INDEX).sum()
+
+    def trained_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The LM head's loss summed over the trained tokens: prompts and padding never reach the head."""
+        trained = labels != IGNORE_INDEX
+        return self.head_loss(hidden[trained], labels[trained], reduction="sum")
 
     def step_scale(self, step_tokens: torch.Tensor) -> float:
         """What a micro-batch's loss sum is multiplied by so that the gradients, after the data-parallel
-        ranks' mean (and under Lightning's accumulation, its division by the micro-batches), are those of
-        the step's loss sum over the step's trained tokens on all ranks."""
-        accumulate = self.trainer.accumulate_grad_batches if self.pipeline_runner is None else 1
-        return self.data_parallel_size * accumulate / float(step_tokens.clamp(min=1))
+        ranks' mean and Lightning's division by the accumulated micro-batches (1 under the pipeline, whose
+        schedule sums them), are those of the step's loss sum over the step's trained tokens on all ranks."""
+        return self.data_parallel_size * self.trainer.accumulate_grad_batches / float(step_tokens.clamp(min=1))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         self.log_lr()  # (the pipeline's step moves the schedule on)
         trained = int((batch["labels"] != IGNORE_INDEX).sum())
-        self._scale = self.step_scale(batch["step_tokens"][0])
+        self._step_scale = self.step_scale(batch["step_tokens"][0])
         if self.pipeline_runner is not None:  # the batch is a whole optimizer step's micro-batches
             loss = self.pipeline_training_step(batch)
             if loss is None:
                 return None  # a non-finite loss, policy skip: the step was dropped
-            total = loss / self._scale  # this rank's sum over the step's trained tokens
+            total = loss / self._step_scale  # this rank's sum over the step's trained tokens
         else:
             total, _ = self.loss_sum(batch)
-            loss = total * self._scale
+            loss = total * self._step_scale
             if self.nonfinite(loss):
                 return self.zero_loss()
-        if self.pipeline_runner is not None or (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:  # (every batch under the pipeline)
             self.tokens_seen += int(batch["step_tokens"][0])  # the step's trained tokens, all micro-batches and ranks
         self.log("train/loss", total / max(trained, 1), on_step=True, prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen), on_step=True)
@@ -63,9 +67,7 @@ class SFTModule(MoxinModule):
 
     def pipeline_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """A micro-batch's share of the step's loss, on the last stage (which holds the LM head)."""
-        trained = labels != IGNORE_INDEX
-        return linear_cross_entropy(hidden[trained], self.model.output.weight, labels[trained],
-                                    reduction="sum") * self._scale
+        return self.trained_loss_sum(hidden, labels) * self._step_scale
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         if self.pipeline_runner is not None:
