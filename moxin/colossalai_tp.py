@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from moxin.model import Block, Transformer
+from moxin.parallel import check_tensor_parallel_divides
 
 
 def transformer_of(module: torch.nn.Module) -> Transformer:
@@ -49,10 +50,7 @@ def check_split(module: torch.nn.Module, tp: int) -> None:
 
 
 def check_divides(cfg, tp: int) -> None:
-    for name in ("n_heads", "n_kv_heads", "hidden_dim"):
-        if getattr(cfg, name) % tp:
-            raise ValueError(f"hardware.colossalai.options.tp_size={tp} does not divide model.{name}="
-                             f"{getattr(cfg, name)}")
+    check_tensor_parallel_divides(cfg, tp, "hardware.colossalai.options.tp_size")
 
 
 def moxin_policy():
@@ -66,15 +64,8 @@ def moxin_policy():
     )
 
     class MoxinPolicy(Policy):
-        def config_sanity_check(self):  # (a backstop: make_plugin refused these already, check_hybrid_options)
-            config = self.shard_config
-            if config.pipeline_stage_manager is not None:
-                raise ValueError("hardware.colossalai.options.pp_size > 1: the moxin policy splits blocks across "
-                                 "ranks (tp_size), not into pipeline stages; use hardware=fsdp with "
-                                 "hardware.fsdp.pipeline_parallel")
-            if config.enable_sequence_parallelism:
-                raise ValueError("hardware.colossalai.options.enable_sequence_parallelism: the moxin policy does "
-                                 "not split sequences; leave it off")
+        def config_sanity_check(self):
+            pass  # make_plugin refused the options this policy cannot serve (check_hybrid_options)
 
         def preprocess(self):
             check_divides(transformer_of(self.model).config, self.shard_config.tensor_parallel_size)

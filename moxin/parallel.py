@@ -398,6 +398,13 @@ def fuse_split(state: dict) -> dict:
     return out
 
 
+def check_tensor_parallel_divides(cfg, tp: int, setting: str) -> None:
+    """Every rank of a tensor-parallel group holds whole heads, whole KV heads and whole MLP columns."""
+    for name in ("n_heads", "n_kv_heads", "hidden_dim"):
+        if getattr(cfg, name) % tp:
+            raise ValueError(f"{setting}={tp} does not divide model.{name}={getattr(cfg, name)}")
+
+
 def apply_tensor_parallel(model: Transformer, mesh) -> None:
     """Megatron-style tensor parallelism over `mesh` (tp ranks): in each block the query/key/value and
     gate/up parts are split by output rows (ColwiseParallel: every rank computes its heads and its MLP
@@ -414,9 +421,7 @@ def apply_tensor_parallel(model: Transformer, mesh) -> None:
     )
 
     tp, cfg = mesh.size(), model.config
-    for name in ("n_heads", "n_kv_heads", "hidden_dim"):
-        if getattr(cfg, name) % tp:
-            raise ValueError(f"hardware.fsdp.tensor_parallel={tp} does not divide model.{name}={getattr(cfg, name)}")
+    check_tensor_parallel_divides(cfg, tp, "hardware.fsdp.tensor_parallel")
     # The parts share one replicated input, made a DTensor once: its gradient is then all-reduced once
     # in the backward pass, not once per part.
     shared_input = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),),
