@@ -38,7 +38,7 @@ class FSDPConfig:
     # Tensor parallelism (Megatron-style, PyTorch's DTensor plans): each block's heads and MLP columns are
     # split over groups of this many consecutive ranks; FSDP shards over the remaining data-parallel ranks.
     tensor_parallel: int = 1
-    # Pipeline parallelism (pretraining and SFT; DPO and GRPO are refused): the blocks split into this
+    # Pipeline parallelism (pretraining, SFT and DPO; GRPO is refused): the blocks split into this
     # many consecutive stages, one per group of ranks (the outermost split: stage s holds ranks
     # s x ranks/stages ...), trained by this schedule of torch.distributed.pipelining over each optimizer
     # step's micro-batches (moxin/pipeline.py).

@@ -1,12 +1,13 @@
-"""Pipeline parallelism for pretraining and SFT: the model's blocks split into consecutive stages, one per
+"""Pipeline parallelism for pretraining, SFT and DPO: the model's blocks split into consecutive stages, one per
 rank of a pipeline group, trained by PyTorch's `torch.distributed.pipelining` schedules (GPipe, 1F1B).
 
 - `split_model(model, stage, stages)`: this rank's `StageModel`, whose parameters keep the names they
   have in the whole `Transformer` (`layers.18.attention.wqkv.weight`), so a stage's distributed
   checkpoint holds the same keys as an unsplit run's: checkpoints move between pipeline sizes.
 - `PipelineRunner`: one optimizer step's micro-batches through the schedule (forward and backward),
-  validation forwards, and the gradient norm over every stage. Packed rows (SFT) take their `segments`
-  to every stage, which builds their positions and attention mask from them.
+  forward-only passes (validation; DPO's reference log-probs), and the gradient norm over every stage.
+  Packed rows (SFT) take their `segments` to every stage, which builds their positions and attention
+  mask from them.
 - `gather_stages(stage_model, device)`: the stages' weights together on global rank 0 (export).
 
 Composes with FSDP2 (each stage sharded over its data-parallel ranks) and tensor parallelism (each
@@ -113,34 +114,46 @@ class PipelineRunner:
         per_row = {} if segments is None else {"segments": segments}  # split into micro-batches like the rows
         self.schedule.step(*([input_ids] if first else []), target=labels if last else None, losses=losses,
                            return_outputs=False, **per_row)
-        return self._from_last_stage(torch.stack(losses).sum().detach() if last else None)
+        return self.from_last_stage(torch.stack(losses).sum().detach() if last else None)
 
     @torch.no_grad()
     def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor | None = None,
                   reduction: str = "mean") -> torch.Tensor:
-        """The batch's mean (or sum of) token loss, forward only (validation), on every stage: each stage
-        receives its input from the previous one and sends its output on, the batch as one micro-batch."""
-        # What flows between stages: the blocks' compute dtype (the stored weights' under bf16-true or fp32).
-        dtype = self.compute_dtype or next(self.model.parameters()).dtype
-        h = input_ids
-        if not self.model.first:
-            h = torch.empty(*input_ids.shape, self.model.config.dim, dtype=dtype, device=self.device)
-            dist.recv(h, group=self.group, group_src=self.stage - 1)
-        out = self.model(h, segments)
-        loss = None
-        if not self.model.last:
-            dist.send(out.to(dtype).contiguous(), group=self.group, group_dst=self.stage + 1)
-        else:
+        """The batch's mean (or sum of) token loss, forward only (validation), on every stage."""
+        def loss(hidden: torch.Tensor) -> torch.Tensor:
+            kept, targets = hidden, labels
             if (labels == IGNORE_INDEX).any():  # prompts and padding (SFT) need not reach the LM head
                 keep = labels != IGNORE_INDEX
-                out, labels = out[keep], labels[keep]
-            loss = linear_cross_entropy(out, self.model.output.weight, labels, reduction=reduction)
-        reshard(self.model)  # no backward pass frees what FSDP gathered (an optimizer step would not reach it)
-        return self._from_last_stage(loss)
+                kept, targets = hidden[keep], labels[keep]
+            return linear_cross_entropy(kept, self.model.output.weight, targets, reduction=reduction)
 
-    def _from_last_stage(self, loss: torch.Tensor | None) -> torch.Tensor:
-        """The last stage's loss (None elsewhere) on every stage, in fp32 (whatever the default dtype)."""
-        value = loss.float() if loss is not None else torch.zeros((), dtype=torch.float32, device=self.device)
+        return self.forward_only(input_ids, loss, (), segments=segments)
+
+    @torch.no_grad()
+    def forward_only(self, input_ids: torch.Tensor, on_last, shape: tuple[int, ...],
+                     segments: torch.Tensor | None = None, model: StageModel | None = None) -> torch.Tensor:
+        """`on_last(hidden)`, a float tensor of `shape`, of the batch's last-stage hidden states, on every
+        stage: each stage receives its input from the previous one and sends its output on, the batch as
+        one micro-batch, no gradients. `model`: another StageModel of the same stage (DPO's reference)."""
+        model = model or self.model
+        # What flows between stages: the blocks' compute dtype (the stored weights' under bf16-true or fp32).
+        dtype = self.compute_dtype or next(model.parameters()).dtype
+        h = input_ids
+        if not model.first:
+            h = torch.empty(*input_ids.shape, model.config.dim, dtype=dtype, device=self.device)
+            dist.recv(h, group=self.group, group_src=self.stage - 1)
+        out = model(h, segments)
+        value = None
+        if not model.last:
+            dist.send(out.to(dtype).contiguous(), group=self.group, group_dst=self.stage + 1)
+        else:
+            value = on_last(out)
+        reshard(model)  # no backward pass frees what FSDP gathered (an optimizer step would not reach it)
+        return self.from_last_stage(value, shape)
+
+    def from_last_stage(self, value: torch.Tensor | None, shape: tuple[int, ...] = ()) -> torch.Tensor:
+        """The last stage's `value` (None elsewhere) on every stage, in fp32 (whatever the default dtype)."""
+        value = value.float() if value is not None else torch.zeros(shape, dtype=torch.float32, device=self.device)
         dist.broadcast(value, group=self.group, group_src=self.stages - 1)
         return value
 

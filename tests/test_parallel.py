@@ -442,24 +442,54 @@ def test_two_process_sft_equals_one_process(name, one_process_sft, tmp_path):
         assert validation_losses(two) == pytest.approx(validation_losses(one), rel=1e-5)
 
 
-@pytest.mark.slow
-def test_dpo_under_fsdp_resumes_with_its_sharded_reference(tmp_path):
-    """DPO's frozen reference is sharded beside the policy; FSDP's folder checkpoints keep it, so a
-    resumed run loads every tensor it registered and goes on as the uninterrupted one did."""
-    start = tmp_path / "start"
+def small_dpo(folder: Path) -> tuple[str, ...]:
+    """A DPO run's overrides, from a small random starting model saved in `folder` (its reference)."""
     torch.manual_seed(0)
     from moxin.model import ModelConfig as Config
 
     Transformer(Config(vocab_size=32000, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128,
-                       sliding_window=64, max_seq_len=256)).save_hf(str(start))
-    dpo = ("+experiment=dpo_tulu3", "+scale=tiny", f"phase.init_from={start}", "model.dim=64", "model.n_layers=2",
-           "model.head_dim=16", "model.hidden_dim=128", "phase.max_steps=6", "phase.checkpoint_every_steps=3",
-           "phase.val_every_steps=3", *STRATEGIES["fsdp"], *TWO_PROCESSES)
+                       sliding_window=64, max_seq_len=256)).save_hf(str(folder))
+    return ("+experiment=dpo_tulu3", "+scale=tiny", f"phase.init_from={folder}", "model.dim=64", "model.n_layers=2",
+            "model.head_dim=16", "model.hidden_dim=128", "phase.max_steps=6", "phase.checkpoint_every_steps=3",
+            "phase.val_every_steps=3")
+
+
+@pytest.mark.slow
+def test_dpo_under_fsdp_resumes_with_its_sharded_reference(tmp_path):
+    """DPO's frozen reference is sharded beside the policy; FSDP's folder checkpoints keep it, so a
+    resumed run loads every tensor it registered and goes on as the uninterrupted one did."""
+    dpo = (*small_dpo(tmp_path / "start"), *STRATEGIES["fsdp"], *TWO_PROCESSES)
     losses, run_dir = train_run(tmp_path / "full", *dpo, experiment="dpo_tulu3", torchrun=True)
     assert len(losses) == 6 and losses[0] == pytest.approx(0.6931, abs=1e-3)  # ln 2: policy = reference
     resumed, _ = train_run(tmp_path / "resumed", *dpo, f"resume={run_dir / 'checkpoints' / 'step-3.ckpt'}",
                            experiment="dpo_tulu3", torchrun=True)
     assert min(resumed) == 3
+    for step in resumed:
+        assert resumed[step] == pytest.approx(losses[step], rel=1e-5), step
+
+
+@pytest.mark.slow
+def test_dpo_under_the_pipeline_equals_one_process_and_resumes_with_a_cached_reference(tmp_path):
+    """DPO on 2 pipeline stages (each step's 4 pairs as 2 micro-batches of 2 whole pairs; the reference
+    a frozen copy split like the policy, run through the stages forward only) against one process taking
+    the 4 pairs at once: the same per-step losses, validation losses and final weights. It then resumes
+    under the pipeline with dpo.reference=cached, whose log-probs the starting weights' stages compute."""
+    dpo = small_dpo(tmp_path / "start")
+    reference = start_run(tmp_path / "one", *dpo, "phase.limit_val_batches=4", experiment="dpo_tulu3")
+    staged = (*dpo, *STRATEGIES["pp"], "context.micro_batch_size=2", "phase.limit_val_batches=8")  # 16 pairs too
+    losses, run_dir = train_run(tmp_path / "pp", *staged, *TWO_PROCESSES, experiment="dpo_tulu3", torchrun=True)
+    expected, one = finish_run(reference)
+    assert sorted(losses) == list(range(6)) and losses[0] == pytest.approx(0.6931, abs=1e-3)  # ln 2 at the start
+    assert losses == pytest.approx(expected, rel=1e-5)
+    assert validation_losses(run_dir) == pytest.approx(validation_losses(one), rel=1e-5)
+    # The step's metrics, over its 4 pairs (a difference of log-probs: fp32 noise of ~1e-6 near 0).
+    assert train_metrics(run_dir, "train/reward_margin") == pytest.approx(train_metrics(one, "train/reward_margin"),
+                                                                          rel=1e-4, abs=1e-5)
+    assert train_metrics(run_dir, "train/tokens") == train_metrics(one, "train/tokens")
+    assert_same_exports(run_dir, one)
+    resumed, _ = train_run(tmp_path / "resumed", *staged, *TWO_PROCESSES, "phase.dpo.reference=cached",
+                           f"resume={run_dir / 'checkpoints' / 'step-3.ckpt'}", experiment="dpo_tulu3", torchrun=True)
+    assert sorted(resumed) == [3, 4, 5]
     for step in resumed:
         assert resumed[step] == pytest.approx(losses[step], rel=1e-5), step
 

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 
 from moxin.losses import IGNORE_INDEX, linear_cross_entropy
 from moxin.model import ModelConfig, Transformer
-from moxin.modules import DPOModule, PretrainModule, SFTModule
+from moxin.modules import DPOModule, GRPOModule, PretrainModule, SFTModule
 from moxin.modules.base import OptimConfig
 from moxin.parallel import ParallelConfig
 from moxin.pipeline import split_model, stage_layers
@@ -92,6 +92,58 @@ def test_sft_under_the_pipeline_scales_each_micro_batch_to_its_share_of_the_step
     assert module.pipeline_inputs(batch)["segments"] is batch["segments"]
 
 
+def test_dpo_under_the_pipeline_gives_each_micro_batch_whole_pairs_and_the_step_their_mean_loss():
+    """The step's pairs are regrouped so that each equal micro-batch holds its pairs' chosen and rejected
+    rows, and each micro-batch's loss (its pairs' mean / micro-batches, with their reference log-probs)
+    sums to the step's mean loss over all pairs; the logged metrics are the whole step's."""
+    torch.manual_seed(0)
+    module = DPOModule(CONFIG, OptimConfig())
+    module.set_reference(Transformer(CONFIG).state_dict())  # another model: the rewards are not zero
+    module._trainer = types.SimpleNamespace(world_size=1, accumulate_grad_batches=1, strategy=types.SimpleNamespace(
+        distributed_sampler_kwargs={"rank": 0, "num_replicas": 1}),
+        datamodule=types.SimpleNamespace(config=types.SimpleNamespace(seq_len=16)))
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
+    module.log_dict = lambda values, **kwargs: logged.update({k: float(v) for k, v in values.items()})
+    module.log_lr = lambda: None
+    pairs = 4  # rows: the 4 chosen replies, then the 4 rejected ones; prompts of other lengths
+    input_ids = torch.randint(0, CONFIG.vocab_size, (2 * pairs, 10))
+    labels = input_ids.clone()
+    for row in range(2 * pairs):
+        labels[row, :2 + row % 5] = IGNORE_INDEX
+    batch = {"input_ids": input_ids, "labels": labels, "index": torch.arange(pairs)}
+    expected, metrics = module.preference_step(batch)  # one micro-batch of all 4 pairs, no pipeline
+
+    class Runner:  # as on the last stage: the schedule splits the rows into equal micro-batches
+        def train_step(self, input_ids, target):
+            return sum(module.pipeline_loss(module.model.hidden_states(ids), part)
+                       for ids, part in zip(input_ids.chunk(2), target.chunk(2), strict=True)).detach()
+
+        def forward_only(self, input_ids, on_last, shape, segments=None, model=None):
+            return on_last(model.hidden_states(input_ids))
+
+        def from_last_stage(self, value, shape=()):
+            return value
+
+    module.use_pipeline(2, None)
+    module.parallel = ParallelConfig(strategy="fsdp", fsdp={"pipeline_parallel": 2})
+    module.pipeline_runner = Runner()
+    ids, target = module.pipeline_rows(batch)
+    assert torch.equal(ids[:4, :10], input_ids[[0, 1, 4, 5]])  # micro-batch 0: pairs 0 and 1, chosen then rejected
+    regrouped = [0, 1, 4, 5, 2, 3, 6, 7]  # each row's labels, then its row in the step's batch
+    assert torch.equal(target[:, :10], labels[regrouped]) and target[:, -1].tolist() == regrouped
+    assert ids.shape == (8, 16) and (target[:, 10:16] == IGNORE_INDEX).all()  # padded to seq_len, not trained
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.0)
+    module.optimizers = lambda: optimizer
+    module.lr_schedulers = lambda: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loss = module.training_step(batch, 0)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6) and float(expected) > 0.01
+    for name, value in metrics.items():
+        assert logged[f"train/{name}"] == pytest.approx(float(value), rel=1e-5, abs=1e-7), name
+    with pytest.raises(ValueError, match="a step of 3 pairs does not split into 2 equal pipeline micro-batches"):
+        module.pipeline_rows({k: v[:6] if k != "index" else v[:3] for k, v in batch.items()})
+
+
 def test_a_tied_head_cannot_be_split_from_its_embedding():
     with torch.device("meta"):
         tied = Transformer(ModelConfig(**{**CONFIG.to_dict(), "tie_embeddings": True}))
@@ -115,16 +167,17 @@ def test_pipeline_settings_are_checked():
         parallel.data_parallel(6)
 
 
-def test_only_pretraining_and_sft_run_as_pipeline_micro_batches_and_1f1b_needs_enough_of_them():
+def test_grpo_does_not_run_as_pipeline_micro_batches_and_1f1b_needs_enough_of_them():
     parallel = ParallelConfig(strategy="fsdp", fsdp={"pipeline_parallel": 4})
     with torch.device("meta"):
-        dpo, sft = DPOModule(CONFIG, OptimConfig()), SFTModule(CONFIG, OptimConfig())
-        pretrain = PretrainModule(CONFIG, OptimConfig())
-    dpo.parallel = sft.parallel = pretrain.parallel = parallel
-    with pytest.raises(ValueError, match="pipeline_parallel runs the pretraining and SFT phases; DPOModule"):
-        dpo.use_pipeline(8, 1.0)
-    sft.use_pipeline(8, 1.0)
-    assert not sft.automatic_optimization and sft.pipeline_microbatches == 8
+        grpo, sft = GRPOModule(CONFIG, OptimConfig()), SFTModule(CONFIG, OptimConfig())
+        pretrain, dpo = PretrainModule(CONFIG, OptimConfig()), DPOModule(CONFIG, OptimConfig())
+    grpo.parallel = sft.parallel = pretrain.parallel = dpo.parallel = parallel
+    with pytest.raises(ValueError, match="pipeline_parallel runs the pretraining, SFT and DPO phases; GRPOModule"):
+        grpo.use_pipeline(8, 1.0)
+    for module in (sft, dpo):
+        module.use_pipeline(8, 1.0)
+        assert not module.automatic_optimization and module.pipeline_microbatches == 8
     with pytest.raises(ValueError, match=r"1F1B pipeline schedule needs at least as many micro-batches.*\(4\); "
                                          "this run has 2"):
         pretrain.use_pipeline(2, 1.0)

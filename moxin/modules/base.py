@@ -154,11 +154,20 @@ class MoxinModule(L.LightningModule):
                                                   compute_dtype=DTYPES.get(fsdp_options.param_dtype),
                                                   loss_fn=self.pipeline_loss)
         reference = getattr(self, "reference", None)
-        if isinstance(reference, torch.nn.Module) and fsdp:
-            parallelize(reference, ParallelConfig(strategy="fsdp", fsdp=self.parallel.fsdp), mesh, tp_mesh)
-            if on_meta_device(reference):
-                materialize(reference, self.reference_state, self.trainer.strategy.root_device, broadcast=True)
-                self.reference_state = None
+        if isinstance(reference, torch.nn.Module) and fsdp and on_meta_device(reference):
+            self.reference = self.frozen_like_policy(reference, self.reference_state)
+            self.reference_state = None
+
+    def frozen_like_policy(self, model: Transformer, state: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+        """A frozen model built on the meta device (DPO's reference), split and sharded as the policy is
+        under FSDP (this rank's pipeline stage of it, if any), then filled with the full weights `state`
+        that rank 0 holds (the other ranks may pass None). Never compiled or checkpointed per block."""
+        mesh, tp_mesh, pp_mesh = self._meshes
+        if pp_mesh is not None:
+            model = split_model(model, pp_mesh.get_local_rank(), pp_mesh.size())
+        parallelize(model, ParallelConfig(strategy="fsdp", fsdp=self.parallel.fsdp), mesh, tp_mesh)
+        materialize(model, state, self.trainer.strategy.root_device, broadcast=True)
+        return model.requires_grad_(False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
@@ -167,9 +176,9 @@ class MoxinModule(L.LightningModule):
         """Train under pipeline parallelism: each batch is one optimizer step's `microbatches` micro-batches
         together, which the stages' schedule runs; the module steps the optimizer and clips itself."""
         if not self.supports_pipeline:
-            raise ValueError(f"hardware.fsdp.pipeline_parallel runs the pretraining and SFT phases; "
-                             f"{type(self).__name__} needs the whole model on each rank (its losses are not token "
-                             "losses of one micro-batch); use tensor_parallel or FSDP alone for it")
+            raise ValueError(f"hardware.fsdp.pipeline_parallel runs the pretraining, SFT and DPO phases; "
+                             f"{type(self).__name__} needs the whole model on each rank (it samples from the "
+                             "policy); use tensor_parallel or FSDP alone for it")
         stages, schedule = self.parallel.pipeline_parallel, self.parallel.fsdp.pipeline_schedule
         if schedule == "1F1B" and microbatches < stages:
             raise ValueError(f"the 1F1B pipeline schedule needs at least as many micro-batches per optimizer step as "
@@ -178,9 +187,14 @@ class MoxinModule(L.LightningModule):
         self.automatic_optimization = False
         self.pipeline_microbatches, self.max_grad_norm = microbatches, max_grad_norm
 
-    supports_pipeline = False  # whether the phase's loss runs as pipeline micro-batches (pretraining, SFT)
+    supports_pipeline = False  # whether the phase's loss runs as pipeline micro-batches (pretraining, SFT, DPO)
     pipeline_loss = None  # the loss of a micro-batch under the pipeline, (hidden, labels) -> its share of the step's
     # (None: its mean token loss / micro-batches)
+
+    def pipeline_rows(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the step's rows, what pipeline_loss takes of them beside their hidden states), split alike into
+        the schedule's micro-batches (DPO: whole pairs in each)."""
+        return batch["input_ids"], batch["labels"]
 
     def pipeline_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What every stage takes beside the tokens (SFT: the packed rows' segments)."""
@@ -191,7 +205,7 @@ class MoxinModule(L.LightningModule):
         the step's micro-batches, the gradient norm clipped over all stages, then the optimizer and LR
         schedule. Returns the step's loss (every stage has it), or None for a dropped step."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        loss = self.pipeline_runner.train_step(batch["input_ids"], batch["labels"], **self.pipeline_inputs(batch))
+        loss = self.pipeline_runner.train_step(*self.pipeline_rows(batch), **self.pipeline_inputs(batch))
         if self.nonfinite(loss):  # policy skip (stop raises): the step's gradients are dropped
             self.drop_step(optimizer, scheduler)
             return None

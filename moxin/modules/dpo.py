@@ -85,15 +85,27 @@ class DPOModule(ReferencePolicy, MoxinModule):
             return torch.cat([rows[:, 0], rows[:, 1]])
         if self.reference is None:
             raise RuntimeError("DPO has no reference: call set_reference(starting weights) before training")
+        if self.pipeline_runner is not None:
+            return self.pipeline_sequence_logps(self.reference, batch, self.pipeline_microbatches if split == "train"
+                                                else 1)
         with torch.no_grad():
             return self.sequence_logps(self.reference, batch)
 
     def preference_step(self, batch: dict[str, torch.Tensor], split: str = "train"
                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        pairs = batch["input_ids"].shape[0] // 2
-        policy = self.sequence_logps(self.model, batch)
-        reference = self.reference_logps(batch, split).to(policy.dtype)
-        counts = (batch["labels"] != IGNORE_INDEX).sum(dim=-1)
+        if self.pipeline_runner is not None:  # forward only, through the stages (validation)
+            policy = self.pipeline_sequence_logps(self.model, batch)
+        else:
+            policy = self.sequence_logps(self.model, batch)
+        return self.preference_losses(policy, self.reference_logps(batch, split), batch["labels"])
+
+    def preference_losses(self, policy: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The mean loss of a batch's pairs (rows: its chosen replies, then its rejected ones) from their
+        summed log-probs under the policy and the reference, and the batch's preference metrics."""
+        pairs = labels.shape[0] // 2
+        reference = reference.to(policy.dtype)
+        counts = (labels != IGNORE_INDEX).sum(dim=-1)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], loss=self.dpo.loss,
             beta=self.dpo.beta, label_smoothing=self.dpo.label_smoothing,
@@ -105,14 +117,21 @@ class DPOModule(ReferencePolicy, MoxinModule):
         metrics["chosen_logps"], metrics["rejected_logps"] = per_token[:pairs].mean(), per_token[pairs:].mean()
         return losses.mean(), metrics
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, metrics = self.preference_step(batch)
-        if self.nonfinite(loss):
-            return self.zero_loss()
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        if self.pipeline_runner is not None:  # the batch is a whole optimizer step's micro-batches
+            self.log_lr()  # (before the pipeline's step moves the schedule on)
+            loss = self.pipeline_training_step(batch)
+            if loss is None:
+                return None  # a non-finite loss, policy skip: the step was dropped
+            metrics = self.step_metrics_from_last_stage(batch)
+        else:
+            loss, metrics = self.preference_step(batch)
+            if self.nonfinite(loss):
+                return self.zero_loss()
+            self.log_lr()
         self.tokens_seen += batch["input_ids"].numel() * self.data_parallel_size
         self.log("train/loss", loss, on_step=True, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True)
-        self.log_lr()
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -120,6 +139,60 @@ class DPOModule(ReferencePolicy, MoxinModule):
         pairs = batch["input_ids"].shape[0] // 2
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=pairs)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True, batch_size=pairs)
+
+    # --- under pipeline parallelism (hardware.fsdp.pipeline_parallel) ---
+
+    supports_pipeline = True  # each micro-batch holds whole pairs: its loss is its pairs' mean / micro-batches
+
+    def pipeline_sequence_logps(self, model, batch: dict[str, torch.Tensor], chunks: int = 1) -> torch.Tensor:
+        """sequence_logps through the stages of `model` (the policy's or the reference's), forward only, the
+        rows in `chunks` groups one after another (a step's reference: one micro-batch's rows at a time)."""
+        logps = []
+        for input_ids, labels in zip(batch["input_ids"].chunk(chunks), batch["labels"].chunk(chunks), strict=True):
+            def on_last(hidden, labels=labels):
+                return sequence_logps_from_hidden(hidden, model.output.weight, labels)
+
+            logps.append(self.pipeline_runner.forward_only(input_ids, on_last, (labels.shape[0],), model=model))
+        return torch.cat(logps)
+
+    def pipeline_rows(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's rows regrouped so that each of the schedule's equal micro-batches holds whole pairs
+        (its chosen rows, then their rejected ones, as an unsplit micro-batch), right-padded to the data's
+        seq_len: the stages learn the shape of what flows between them at the first step and keep it.
+        Each row's labels carry its row in the step's batch as one more column, by which pipeline_loss
+        reads its reference log-prob and keeps its policy log-prob for the step's metrics."""
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        pairs, parts = input_ids.shape[0] // 2, self.pipeline_microbatches
+        if pairs % parts:
+            raise ValueError(f"a step of {pairs} pairs does not split into {parts} equal pipeline micro-batches")
+        width = self.trainer.datamodule.config.seq_len
+        if input_ids.shape[1] > width:
+            raise ValueError(f"a preference batch of {input_ids.shape[1]} tokens is wider than data.seq_len={width}")
+        per = pairs // parts
+        order = torch.arange(2 * pairs, device=input_ids.device).view(2, parts, per)
+        order = order.transpose(0, 1).reshape(-1)  # micro-batch k: chosen rows k*per.., then their rejected
+        reference = self.reference_logps(batch, "train")  # (every stage: only the last uses it)
+        self._step = {"reference": reference,
+                      "policy": torch.zeros(2 * pairs, dtype=torch.float32, device=order.device)}
+        pad = (0, width - input_ids.shape[1])  # after the replies, never attended to by them, never trained
+        return (torch.nn.functional.pad(input_ids[order], pad),
+                torch.cat([torch.nn.functional.pad(labels[order], pad, value=IGNORE_INDEX), order[:, None]], dim=1))
+
+    def pipeline_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's share of the step's loss, on the last stage: the mean over its pairs / micro-batches.
+        (Its rows' log-probs are kept for the step's metrics: the schedule's first call, which infers the
+        stages' shapes, writes them too, before the micro-batches do.)"""
+        labels, rows = target[:, :-1], target[:, -1]
+        policy = sequence_logps_from_hidden(hidden, self.model.output.weight, labels)
+        self._step["policy"][rows] = policy.detach().float()
+        loss, _ = self.preference_losses(policy, self._step["reference"][rows], labels)
+        return loss / self.pipeline_microbatches
+
+    def step_metrics_from_last_stage(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The step's preference metrics over all its pairs, on every stage, from the log-probs the last
+        stage's micro-batches computed."""
+        policy = self.pipeline_runner.from_last_stage(self._step["policy"])  # (the others' zeros overwritten)
+        return self.preference_losses(policy, self._step["reference"], batch["labels"])[1]
 
     # --- reference: cached ---
 
@@ -159,11 +232,17 @@ class DPOModule(ReferencePolicy, MoxinModule):
 
     @torch.no_grad()
     def _compute_reference(self, dataset, datamodule) -> torch.Tensor:
-        """(pairs, 2) summed log-probs of chosen and rejected replies under the starting weights. Rank r
-        computes pairs r, r + world, ...; all_gather puts every rank's share together."""
-        rank, world = data_parallel_rank(self.trainer)  # tensor-parallel ranks of a group share a share
-        reference = Transformer(self.model_config).to(self.device)
-        reference.load_state_dict(self._start_state)
+        """(pairs, 2) summed log-probs of chosen and rejected replies under the starting weights. Data-parallel
+        rank r computes pairs r, r + world, ...; all_gather puts every rank's share together. Under the
+        pipeline the starting weights are split and sharded as the policy is, and run through the stages."""
+        rank, world = data_parallel_rank(self.trainer)  # tensor-parallel ranks and pipeline stages share a share
+        if self.pipeline_runner is not None:
+            with torch.device("meta"):
+                reference = Transformer(self.model_config)
+            reference, logps = self.frozen_like_policy(reference, self._start_state), self.pipeline_sequence_logps
+        else:
+            reference, logps = Transformer(self.model_config).to(self.device), self.sequence_logps
+            reference.load_state_dict(self._start_state)
         mine = list(range(rank, dataset.pairs(), world))
         share = torch.zeros(-(-dataset.pairs() // world), 2, dtype=torch.float64, device=self.device)
         size = datamodule.micro_batch_size
@@ -172,10 +251,13 @@ class DPOModule(ReferencePolicy, MoxinModule):
                      for i in mine[start:start + size]]
             batch = {k: v.to(self.device) for k, v in datamodule.collate_fn(items).items()}
             with self.trainer.precision_plugin.forward_context():
-                logps = self.sequence_logps(reference, batch).double()
-            share[start:start + len(items)] = logps.view(2, -1).T
+                share[start:start + len(items)] = logps(reference, batch).double().view(2, -1).T
         del reference
-        gathered = self.trainer.strategy.all_gather(share) if world > 1 else share[None]  # (processes, per_rank, 2)
-        gathered = gathered[::gathered.shape[0] // world]  # one share per data-parallel rank (a TP group repeats it)
+        if world == 1:
+            return share[:dataset.pairs()].cpu()
+        # One share per data-parallel rank: the first process holding each (the others repeat it).
+        gathered = self.trainer.strategy.all_gather(share)  # (processes, per_rank, 2)
+        ranks = self.trainer.strategy.all_gather(torch.tensor(rank, device=self.device)).tolist()
+        gathered = gathered[[ranks.index(r) for r in range(world)]]
         # Pair i sits on data-parallel rank i % world at row i // world.
         return gathered.transpose(0, 1).reshape(-1, 2)[:dataset.pairs()].cpu()
