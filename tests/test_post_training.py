@@ -285,7 +285,9 @@ def test_packed_attention_with_repeated_key_value_heads_is_the_same(monkeypatch)
 
 
 def test_cached_reference_shares_gathered_across_ranks_give_every_pair():
-    """Two ranks each compute every other pair; the gathered result is the one-rank result."""
+    """Two data-parallel ranks each compute every other pair; the gathered result is the one-rank result.
+    The 4 processes are 2 pipeline stages (the outermost split) of the 2 ranks: process p holds data-parallel
+    rank p % 2, and each rank's share is taken once."""
     from moxin.data.chat_data import PreferenceDataset, _subset
 
     dm = _pairs_datamodule(n=30)
@@ -293,19 +295,24 @@ def test_cached_reference_shares_gathered_across_ranks_give_every_pair():
     dm.train_dataset = PreferenceDataset(_subset(dm.train_dataset.chosen, odd), _subset(dm.train_dataset.rejected, odd))
     module = _dpo_module(reference="cached")
     precision = types.SimpleNamespace(forward_context=contextlib.nullcontext)
+    processes, shares = (0, 1, 0, 1), {}
 
-    def trainer(rank, gather):
-        ranks = {"rank": rank, "num_replicas": 2 if gather else 1}
-        strategy = types.SimpleNamespace(all_gather=gather, distributed_sampler_kwargs=ranks)
-        return types.SimpleNamespace(world_size=2 if gather else 1, global_rank=rank, precision_plugin=precision,
-                                     strategy=strategy)
+    def trainer(rank, ranks):
+        def all_gather(value):  # every process's value: its data-parallel rank, or its rank's share
+            if value.ndim == 0:
+                return torch.tensor(processes)
+            shares[rank] = value.clone()
+            return torch.stack([shares.get(r, value * 0) for r in processes])
 
-    module._trainer = trainer(0, None)
+        strategy = types.SimpleNamespace(all_gather=all_gather, distributed_sampler_kwargs={
+            "rank": rank, "num_replicas": ranks})
+        return types.SimpleNamespace(world_size=ranks, global_rank=rank, precision_plugin=precision, strategy=strategy)
+
+    module._trainer = trainer(0, 1)
     alone = module._compute_reference(dm.train_dataset, dm)
-    shares = {}
-    module._trainer = trainer(1, lambda share: shares.setdefault(1, share.clone()) * 0)
+    module._trainer = trainer(1, 2)
     module._compute_reference(dm.train_dataset, dm)
-    module._trainer = trainer(0, lambda share: torch.stack([share, shares[1]]))
+    module._trainer = trainer(0, 2)
     gathered = module._compute_reference(dm.train_dataset, dm)
     assert dm.train_dataset.pairs() % 2 == 1
     torch.testing.assert_close(gathered, alone)
