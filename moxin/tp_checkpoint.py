@@ -127,9 +127,18 @@ def load_translated(path: Path, module: torch.nn.Module, optimizers: list, cfg, 
         set_optimizer_state_dict,
     )
 
+    from moxin.safe_dcp import SafeMetadataReader
+
     state = {"state_dict": get_model_state_dict(module)}
-    dcp.load(state, checkpoint_id=path, planner=PartsLoadPlanner(cfg))
-    module.load_state_dict(state["state_dict"], strict=strict)
+    stored = SafeMetadataReader(str(path)).read_metadata().state_dict_metadata
+    # A frozen reference policy (DPO's) that the checkpoint left out (saved with dpo.reference=cached) is
+    # rebuilt from the starting weights, as every run rebuilds it: nothing to load.
+    rebuilt = [] if any(k.startswith("state_dict.reference.") for k in stored) else [
+        k for k in state["state_dict"] if k.startswith("reference.")]
+    for key in rebuilt:
+        del state["state_dict"][key]
+    dcp.load(state, checkpoint_id=path, planner=PartsLoadPlanner(cfg))  # (raises for any other key it lacks)
+    module.load_state_dict(state["state_dict"], strict=strict and not rebuilt)
     for index, optimizer in enumerate(optimizers):
         key = f"optimizer_{index}"
         current = get_optimizer_state_dict(module, optimizer)

@@ -469,15 +469,17 @@ def test_dpo_under_fsdp_resumes_with_its_sharded_reference(tmp_path):
 
 
 @pytest.mark.slow
-def test_dpo_under_the_pipeline_equals_one_process_and_resumes_with_a_cached_reference(tmp_path):
-    """DPO on 2 pipeline stages (each step's 4 pairs as 2 micro-batches of 2 whole pairs; the reference
-    a frozen copy split like the policy, run through the stages forward only) against one process taking
-    the 4 pairs at once: the same per-step losses, validation losses and final weights. It then resumes
-    under the pipeline with dpo.reference=cached, whose log-probs the starting weights' stages compute."""
+def test_dpo_under_the_pipeline_equals_one_process_and_resumes_with_a_reference_copy(tmp_path):
+    """DPO on 2 pipeline stages (each step's 4 pairs as 2 micro-batches of 2 whole pairs; dpo.reference=cached,
+    whose log-probs the starting weights' stages compute) against one process taking the 4 pairs at once
+    (its reference a frozen copy): the same per-step losses, validation losses and final weights. It then
+    resumes under the pipeline with dpo.reference=copy, split like the policy and run through the stages
+    forward only, though the checkpoint holds no reference to load."""
     dpo = small_dpo(tmp_path / "start")
     reference = start_run(tmp_path / "one", *dpo, "phase.limit_val_batches=4", experiment="dpo_tulu3")
     staged = (*dpo, *STRATEGIES["pp"], "context.micro_batch_size=2", "phase.limit_val_batches=8")  # 16 pairs too
-    losses, run_dir = train_run(tmp_path / "pp", *staged, *TWO_PROCESSES, experiment="dpo_tulu3", torchrun=True)
+    losses, run_dir = train_run(tmp_path / "pp", *staged, *TWO_PROCESSES, "phase.dpo.reference=cached",
+                                experiment="dpo_tulu3", torchrun=True)
     expected, one = finish_run(reference)
     assert sorted(losses) == list(range(6)) and losses[0] == pytest.approx(0.6931, abs=1e-3)  # ln 2 at the start
     assert losses == pytest.approx(expected, rel=1e-5)
@@ -487,7 +489,7 @@ def test_dpo_under_the_pipeline_equals_one_process_and_resumes_with_a_cached_ref
                                                                           rel=1e-4, abs=1e-5)
     assert train_metrics(run_dir, "train/tokens") == train_metrics(one, "train/tokens")
     assert_same_exports(run_dir, one)
-    resumed, _ = train_run(tmp_path / "resumed", *staged, *TWO_PROCESSES, "phase.dpo.reference=cached",
+    resumed, _ = train_run(tmp_path / "resumed", *staged, *TWO_PROCESSES, "phase.dpo.reference=copy",
                            f"resume={run_dir / 'checkpoints' / 'step-3.ckpt'}", experiment="dpo_tulu3", torchrun=True)
     assert sorted(resumed) == [3, 4, 5]
     for step in resumed:

@@ -291,9 +291,17 @@ def test_cached_reference_shares_gathered_across_ranks_give_every_pair():
     from moxin.data.chat_data import PreferenceDataset, _subset
 
     dm = _pairs_datamodule(n=30)
-    odd = np.arange(dm.train_dataset.pairs() - 1 + dm.train_dataset.pairs() % 2)  # an uneven split over 2 ranks
+    odd = np.arange(17)  # an uneven split over 2 ranks: 9 pairs in 3 batches of up to 4, and 8 pairs in 2
     dm.train_dataset = PreferenceDataset(_subset(dm.train_dataset.chosen, odd), _subset(dm.train_dataset.rejected, odd))
     module = _dpo_module(reference="cached")
+    forwards, sequence_logps = {}, module.sequence_logps  # each rank's: a sharded model's forward is collective
+
+    def counted(model, batch):
+        rank = module._trainer.global_rank
+        forwards[rank] = forwards.get(rank, 0) + 1
+        return sequence_logps(model, batch)
+
+    module.sequence_logps = counted
     precision = types.SimpleNamespace(forward_context=contextlib.nullcontext)
     processes, shares = (0, 1, 0, 1), {}
 
@@ -313,6 +321,10 @@ def test_cached_reference_shares_gathered_across_ranks_give_every_pair():
     module._trainer = trainer(1, 2)
     module._compute_reference(dm.train_dataset, dm)
     module._trainer = trainer(0, 2)
+    forwards.clear()
     gathered = module._compute_reference(dm.train_dataset, dm)
-    assert dm.train_dataset.pairs() % 2 == 1
+    assert forwards == {0: 3}
+    module._trainer = trainer(1, 2)
+    module._compute_reference(dm.train_dataset, dm)
+    assert forwards == {0: 3, 1: 3}
     torch.testing.assert_close(gathered, alone)

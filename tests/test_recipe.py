@@ -131,10 +131,11 @@ def test_tiny_reasoning_sft_then_grpo_raises_the_reward(make_cfg, tmp_path):
     reward (correct, boxed, after </think>): the held-out reward of the greedy answers rises."""
     sft = run(make_cfg("+experiment=cot_sft_openr1", "+scale=tiny", "phase.init_from=null", run_name="cot"))
     assert sft["val/loss"] < 0.3
+    # Half of GRPO's tiny run, for the suite's time: the held-out reward rises from 0 to about 0.8 by then.
     grpo = run(make_cfg("+experiment=grpo_deepscaler", "+scale=tiny", f"phase.init_from={tmp_path / 'cot'}",
-                        "phase.val_every_steps=15", run_name="grpo"))
-    assert grpo["train/steps"] == 30
-    assert grpo["val/reward"] >= grpo["val/reward_initial"] + 0.05
+                        "phase.max_steps=15", "phase.val_every_steps=15", run_name="grpo"))
+    assert grpo["train/steps"] == 15
+    assert grpo["val/reward"] >= grpo["val/reward_initial"] + 0.3
     for name in ("train/reward_std", "train/accuracy", "train/response_length", "train/clip_fraction", "train/kl",
                  "train/entropy", "train/rollout_s", "train/update_s"):
         assert name in grpo, name

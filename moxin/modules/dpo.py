@@ -9,6 +9,7 @@ replies go through the policy in one concatenated forward pass.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -54,6 +55,7 @@ class DPOModule(ReferencePolicy, MoxinModule):
         self.hparams["dpo"] = asdict(self.dpo)
         self.reference: Transformer | None = None  # reference=copy
         self._start_state: dict[str, torch.Tensor] | None = None  # reference=cached: to compute the cache
+        self._start_given = False  # whether set_reference has run (under the pipeline only rank 0 holds them)
         self._reference_id: str | None = None
         self.cached_reference: dict[str, torch.Tensor] | None = None  # reference=cached: split -> (pairs, 2)
 
@@ -61,11 +63,14 @@ class DPOModule(ReferencePolicy, MoxinModule):
         return self.dpo.reference == "copy"
 
     def start_weights_on_every_rank(self) -> bool:
-        return self.dpo.reference == "cached"  # each rank computes its share of the log-probs
+        # Each rank computes its share of the log-probs with the whole model; under the pipeline with its
+        # stage of it, which rank 0's weights fill (frozen_like_policy), as the policy's stage.
+        return self.dpo.reference == "cached" and self.parallel.pipeline_parallel == 1
 
-    def set_reference(self, state_dict: dict[str, torch.Tensor]) -> None:
+    def set_reference(self, state_dict: dict[str, torch.Tensor] | None) -> None:
         super().set_reference(state_dict)
-        if self.dpo.reference == "cached":  # kept on the host until the log-probs are computed
+        self._start_given = True
+        if self.dpo.reference == "cached" and state_dict is not None:  # kept on the host until the log-probs
             if self.parallel.strategy == "fsdp":  # nothing else holds these tensors: no copy needed
                 self._start_state = dict(state_dict)
             else:
@@ -85,9 +90,8 @@ class DPOModule(ReferencePolicy, MoxinModule):
             return torch.cat([rows[:, 0], rows[:, 1]])
         if self.reference is None:
             raise RuntimeError("DPO has no reference: call set_reference(starting weights) before training")
-        if self.pipeline_runner is not None:
-            return self.pipeline_sequence_logps(self.reference, batch, self.pipeline_microbatches if split == "train"
-                                                else 1)
+        if self.pipeline_runner is not None:  # (validation; a training step's: pipeline_rows)
+            return self.pipeline_sequence_logps(self.reference, batch)
         with torch.no_grad():
             return self.sequence_logps(self.reference, batch)
 
@@ -146,7 +150,7 @@ class DPOModule(ReferencePolicy, MoxinModule):
 
     def pipeline_sequence_logps(self, model, batch: dict[str, torch.Tensor], chunks: int = 1) -> torch.Tensor:
         """sequence_logps through the stages of `model` (the policy's or the reference's), forward only, the
-        rows in `chunks` groups one after another (a step's reference: one micro-batch's rows at a time)."""
+        rows in `chunks` equal groups one after another (a step's reference: its micro-batches)."""
         logps = []
         for input_ids, labels in zip(batch["input_ids"].chunk(chunks), batch["labels"].chunk(chunks), strict=True):
             def on_last(hidden, labels=labels):
@@ -160,7 +164,8 @@ class DPOModule(ReferencePolicy, MoxinModule):
         (its chosen rows, then their rejected ones, as an unsplit micro-batch), right-padded to the data's
         seq_len: the stages learn the shape of what flows between them at the first step and keep it.
         Each row's labels carry its row in the step's batch as one more column, by which pipeline_loss
-        reads its reference log-prob and keeps its policy log-prob for the step's metrics."""
+        reads its reference log-prob and keeps its policy log-prob for the step's metrics. A reference
+        copy runs on the same micro-batches first, forward only (the policy's and its kernels alike)."""
         input_ids, labels = batch["input_ids"], batch["labels"]
         pairs, parts = input_ids.shape[0] // 2, self.pipeline_microbatches
         if pairs % parts:
@@ -171,12 +176,17 @@ class DPOModule(ReferencePolicy, MoxinModule):
         per = pairs // parts
         order = torch.arange(2 * pairs, device=input_ids.device).view(2, parts, per)
         order = order.transpose(0, 1).reshape(-1)  # micro-batch k: chosen rows k*per.., then their rejected
-        reference = self.reference_logps(batch, "train")  # (every stage: only the last uses it)
+        pad = (0, width - input_ids.shape[1])  # after the replies, never attended to by them, never trained
+        rows = torch.nn.functional.pad(input_ids[order], pad)
+        row_labels = torch.nn.functional.pad(labels[order], pad, value=IGNORE_INDEX)
+        if self.cached_reference is None and self.reference is not None:  # (every stage: only the last uses it)
+            regrouped = self.pipeline_sequence_logps(self.reference, {"input_ids": rows, "labels": row_labels}, parts)
+            reference = torch.empty_like(regrouped).index_copy_(0, order, regrouped)  # in the batch's row order
+        else:
+            reference = self.reference_logps(batch, "train")
         self._step = {"reference": reference,
                       "policy": torch.zeros(2 * pairs, dtype=torch.float32, device=order.device)}
-        pad = (0, width - input_ids.shape[1])  # after the replies, never attended to by them, never trained
-        return (torch.nn.functional.pad(input_ids[order], pad),
-                torch.cat([torch.nn.functional.pad(labels[order], pad, value=IGNORE_INDEX), order[:, None]], dim=1))
+        return rows, torch.cat([row_labels, order[:, None]], dim=1)
 
     def pipeline_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """A micro-batch's share of the step's loss, on the last stage: the mean over its pairs / micro-batches.
@@ -208,19 +218,25 @@ class DPOModule(ReferencePolicy, MoxinModule):
         the data, the starting weights, the model's shape settings and the precision."""
         if self.dpo.reference != "cached" or self.cached_reference is not None:
             return
-        if self._start_state is None:
+        if not self._start_given:
             raise RuntimeError("DPO has no reference: call set_reference(starting weights) before training")
         from safetensors.torch import load_file, save_file
 
         datamodule, trainer = self.trainer.datamodule, self.trainer
-        key = hashlib.sha256(json.dumps([datamodule.fingerprint(), self._reference_id, self.model_config.to_dict(),
-                                         str(trainer.precision)], sort_keys=True).encode()).hexdigest()[:16]
+        settings = [datamodule.fingerprint(), self._reference_id, self.model_config.to_dict(), str(trainer.precision)]
+        if self.pipeline_runner is not None:  # only rank 0 read the weights; the stages compute in FSDP's dtype
+            settings[1] = trainer.strategy.broadcast(self._reference_id)
+            settings.append(f"pipeline, {self.parallel.fsdp.param_dtype}")
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         path = os.path.join(self.dpo.cache_dir or trainer.default_root_dir, f"reference-logps-{key}.safetensors")
         if os.path.exists(path):
             cached = load_file(path)
         else:
-            cached = {split: self._compute_reference(getattr(datamodule, f"{split}_dataset"), datamodule)
+            reference = self._starting_model()
+            cached = {split: self._compute_reference(getattr(datamodule, f"{split}_dataset"), datamodule, reference)
                       for split in ("train", "val")}
+            del reference
+            gc.collect()  # (a sharded model's hooks hold it in reference cycles)
             if trainer.is_global_zero:
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
                 tmp = f"{path}.tmp{os.getpid()}"
@@ -230,29 +246,38 @@ class DPOModule(ReferencePolicy, MoxinModule):
         self.cached_reference = {split: values.double().cpu() for split, values in cached.items()}
         self._start_state = None  # no longer needed: free the host copy
 
-    @torch.no_grad()
-    def _compute_reference(self, dataset, datamodule) -> torch.Tensor:
-        """(pairs, 2) summed log-probs of chosen and rejected replies under the starting weights. Data-parallel
-        rank r computes pairs r, r + world, ...; all_gather puts every rank's share together. Under the
-        pipeline the starting weights are split and sharded as the policy is, and run through the stages."""
-        rank, world = data_parallel_rank(self.trainer)  # tensor-parallel ranks and pipeline stages share a share
+    def _starting_model(self) -> torch.nn.Module:
+        """The starting weights as a model to compute log-probs with: whole on this device, or under the
+        pipeline this rank's stage of them, split and sharded as the policy's is."""
         if self.pipeline_runner is not None:
             with torch.device("meta"):
                 reference = Transformer(self.model_config)
-            reference, logps = self.frozen_like_policy(reference, self._start_state), self.pipeline_sequence_logps
-        else:
-            reference, logps = Transformer(self.model_config).to(self.device), self.sequence_logps
-            reference.load_state_dict(self._start_state)
+            return self.frozen_like_policy(reference, self._start_state)
+        reference = Transformer(self.model_config).to(self.device)
+        reference.load_state_dict(self._start_state)
+        return reference
+
+    @torch.no_grad()
+    def _compute_reference(self, dataset, datamodule, reference: torch.nn.Module | None = None) -> torch.Tensor:
+        """(pairs, 2) summed log-probs of chosen and rejected replies under the starting weights (`reference`,
+        or _starting_model's). Data-parallel rank r computes pairs r, r + world, ...; all_gather puts every
+        rank's share together."""
+        rank, world = data_parallel_rank(self.trainer)  # tensor-parallel ranks and pipeline stages share a share
+        reference = reference if reference is not None else self._starting_model()
+        logps = self.pipeline_sequence_logps if self.pipeline_runner is not None else self.sequence_logps
         mine = list(range(rank, dataset.pairs(), world))
         share = torch.zeros(-(-dataset.pairs() // world), 2, dtype=torch.float64, device=self.device)
         size = datamodule.micro_batch_size
-        for start in range(0, len(mine), size):
+        # Every rank runs as many batches as the longest share needs: a sharded model's forward is collective.
+        # A rank whose share is done runs pair 0 again, and drops it.
+        for start in range(0, share.shape[0], size):
+            indices = mine[start:start + size]
             items = [{"index": i, "chosen": dataset.chosen[i], "rejected": dataset.rejected[i]}
-                     for i in mine[start:start + size]]
+                     for i in indices or [0]]
             batch = {k: v.to(self.device) for k, v in datamodule.collate_fn(items).items()}
             with self.trainer.precision_plugin.forward_context():
-                share[start:start + len(items)] = logps(reference, batch).double().view(2, -1).T
-        del reference
+                values = logps(reference, batch).double().view(2, -1).T
+            share[start:start + len(indices)] = values[:len(indices)]
         if world == 1:
             return share[:dataset.pairs()].cpu()
         # One share per data-parallel rank: the first process holding each (the others repeat it).
