@@ -4,7 +4,9 @@ measured against a frozen reference policy (the starting weights).
 The reference is either a frozen copy of the starting weights held beside the policy
 (`reference: copy`), or its log-probabilities, computed once before training and cached on disk
 (`reference: cached`): then no second model occupies memory while training. Chosen and rejected
-replies go through the policy in one concatenated forward pass.
+replies go through the policy in one concatenated forward pass. Under pipeline parallelism
+(hardware.fsdp.pipeline_parallel) each micro-batch of the stages' schedule holds whole pairs, and the
+reference runs through stages of its own, forward only.
 """
 
 from __future__ import annotations
