@@ -158,6 +158,29 @@ def test_cached_reference_matches_the_copy_and_is_reused(tmp_path, monkeypatch):
     _fit(again, _pairs_datamodule(), tmp_path / "c", steps=1)
 
 
+def test_rank_0_decides_whether_the_cached_reference_exists_and_reads_it_for_every_rank(tmp_path, monkeypatch):
+    """On rank 1, whose (node-local) cache folder lacks the file rank 0 found: rank 1 takes rank 0's verdict
+    and tensors, instead of computing the log-probs alone (a sharded computation is collective)."""
+    dm = _pairs_datamodule()
+    module = _dpo_module(reference="cached", cache_dir=str(tmp_path / "empty"))
+    rank_0 = {"train": torch.randn(dm.train_dataset.pairs(), 2, dtype=torch.float64),
+              "val": torch.randn(dm.val_dataset.pairs(), 2, dtype=torch.float64)}
+    sent = []
+
+    def broadcast(value):  # rank 1's side: it sends its own value and receives rank 0's
+        sent.append(value)
+        return True if len(sent) == 1 else rank_0
+
+    module._trainer = types.SimpleNamespace(datamodule=dm, precision="32-true", default_root_dir=str(tmp_path),
+                                            world_size=2, is_global_zero=False,
+                                            strategy=types.SimpleNamespace(broadcast=broadcast))
+    monkeypatch.setattr(DPOModule, "_compute_reference", lambda *a: pytest.fail("computed alone"))
+    module._load_or_compute_cached_reference()
+    assert sent == [False, None]  # it found no file, and read none
+    for split, values in rank_0.items():
+        assert torch.equal(module.cached_reference[split], values)
+
+
 def test_cached_reference_before_training_with_loader_workers(tmp_path):
     """The validation run before training (validate_before_training) works with worker processes."""
     import lightning as L

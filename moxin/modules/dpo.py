@@ -231,8 +231,12 @@ class DPOModule(ReferencePolicy, MoxinModule):
             settings.append(f"pipeline, {self.parallel.fsdp.param_dtype}")
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         path = os.path.join(self.dpo.cache_dir or trainer.default_root_dir, f"reference-logps-{key}.safetensors")
-        if os.path.exists(path):
-            cached = load_file(path)
+        found, shared = os.path.exists(path), trainer.world_size > 1
+        if shared:  # rank 0 decides (another run may be writing the file; a node-local cache may lack it)
+            found = trainer.strategy.broadcast(found)
+        if found:  # rank 0 reads it for all: the ranks must all load it, or all compute it (collectively)
+            cached = load_file(path) if trainer.is_global_zero else None
+            cached = trainer.strategy.broadcast(cached) if shared else cached
         else:
             reference = self._starting_model()
             cached = {split: self._compute_reference(getattr(datamodule, f"{split}_dataset"), datamodule, reference)
