@@ -116,9 +116,10 @@ def test_tiny_sft_then_dpo_improve_their_metrics(make_cfg, tmp_path):
     sft = run(make_cfg("+experiment=sft_tulu3", "+scale=tiny", "phase.init_from=null", run_name="sft"))
     assert sft["val/loss"] < 0.3 * sft["val/loss_initial"]
     assert json.loads((tmp_path / "sft" / "data.json").read_text())["sources"]["instructions"]["kept"] == 2000
-    # Half of DPO's tiny run (~715 steps), for the suite's time: the thresholds below hold with room.
+    # 200 of DPO's tiny run's ~715 steps, for the suite's time: the thresholds below hold with room (measured:
+    # validation loss 0.34, reward accuracy 0.84, preference accuracy 0.72 -> 0.86).
     dpo = run(make_cfg("+experiment=dpo_tulu3", "+scale=tiny", f"phase.init_from={tmp_path / 'sft'}",
-                       "phase.max_steps=350", run_name="dpo"))
+                       "phase.max_steps=200", run_name="dpo"))
     assert dpo["val/loss_initial"] == pytest.approx(0.6931, abs=1e-3)  # the policy starts as its reference
     assert dpo["val/loss"] < 0.6 and "train/loss" in dpo and "train/loss" in sft
     assert dpo["val/reward_accuracy"] > 0.7
