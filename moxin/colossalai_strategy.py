@@ -111,6 +111,25 @@ def gemini_optimizer(param_groups: list[dict], lr: float, betas, eps: float, wei
     return HybridAdam(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adamw_mode=True)
 
 
+def steps_beside_their_weights(optimizer) -> None:
+    """Put each parameter's AdamW step count on the parameter's device where the optimizer is fused
+    (or capturable), which requires it there: Colossal-AI's ZeRO and hybrid loaders restore it on the
+    CPU, and the resumed run's first step failed. `optimizer`: Lightning's, the booster's wrapper or
+    ZeRO's, each holding the next in `.optim` (or `._optimizer`)."""
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        inner = getattr(optimizer, "optim", None) or getattr(optimizer, "_optimizer", None)
+        if inner is None:
+            return
+        optimizer = inner
+    for group in optimizer.param_groups:
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for param in group["params"]:
+            step = optimizer.state.get(param, {}).get("step")
+            if torch.is_tensor(step) and step.device != param.device:
+                optimizer.state[param]["step"] = step.to(param.device)
+
+
 def saved_model_keys(folder: Path) -> set[str]:
     """The parameter names a booster's sharded model folder holds (from its index file)."""
     indexes = sorted(folder.glob("*.index.json"))
@@ -330,6 +349,7 @@ class ColossalAIStrategy(DDPStrategy):
         with self._without_reference(saved_model_keys(path / "model")):
             self.booster.load_model(self._boosted, str(path / "model"))
         self.booster.load_optimizer(self.optimizers[0], str(path / "optimizer"))
+        steps_beside_their_weights(self.optimizers[0])
         checkpoint["state_dict"] = {}  # the weights are in place already
         return checkpoint
 

@@ -27,6 +27,27 @@ def test_a_colossalai_folder_resumes_under_the_plugin_that_wrote_it(tmp_path):
 
 
 @needs_colossalai
+def test_a_resumed_fused_adamw_finds_its_step_counts_beside_their_weights():
+    """Colossal-AI's ZeRO and hybrid loaders restore AdamW's step counts on the CPU, and fused AdamW needs
+    them on the weights' device (the H200 run's resume failed there). Here the weights are on the meta
+    device, the loaded counts on the CPU: a fused group's move to the weights, through the wrappers' `.optim`."""
+    import types
+
+    from moxin.colossalai_strategy import steps_beside_their_weights
+
+    weights = [torch.nn.Parameter(torch.ones(3, device="meta")), torch.nn.Parameter(torch.ones(2, device="meta"))]
+    fused, plain = torch.optim.AdamW(weights[:1]), torch.optim.AdamW(weights[1:])
+    fused.param_groups[0]["fused"] = True  # (fused AdamW itself refuses meta weights)
+    for optimizer in (fused, plain):
+        for weight in optimizer.param_groups[0]["params"]:
+            optimizer.state[weight]["step"] = torch.tensor(5.0)
+    steps_beside_their_weights(types.SimpleNamespace(optim=types.SimpleNamespace(optim=fused)))  # booster, ZeRO
+    steps_beside_their_weights(types.SimpleNamespace(optim=plain))
+    assert fused.state[weights[0]]["step"].device.type == "meta"
+    assert plain.state[weights[1]]["step"].device.type == "cpu"  # unfused AdamW keeps them on the CPU itself
+    steps_beside_their_weights(types.SimpleNamespace())  # (no optimizer inside: nothing to do)
+
+
 def test_a_discarded_lightning_wrapper_leaves_the_boosted_optimizer_alone():
     """Lightning's optimizer wrapper derives its class from the wrapped optimizer's. ZeRO's optimizer
     removes its gradient hooks in __del__: a wrapper discarded when the strategy's optimizers were set
