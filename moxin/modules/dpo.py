@@ -92,17 +92,18 @@ class DPOModule(ReferencePolicy, MoxinModule):
             return torch.cat([rows[:, 0], rows[:, 1]])
         if self.reference is None:
             raise RuntimeError("DPO has no reference: call set_reference(starting weights) before training")
-        if self.pipeline_runner is not None:  # (validation; a training step's: pipeline_rows)
-            return self.pipeline_sequence_logps(self.reference, batch)
-        with torch.no_grad():
-            return self.sequence_logps(self.reference, batch)
+        with torch.no_grad():  # (under the pipeline: validation's; a training step's is pipeline_rows')
+            return self.logps_of(self.reference, batch)
+
+    def logps_of(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """sequence_logps of `model`, through the stages of the pipeline where there is one."""
+        if self.pipeline_runner is not None:
+            return self.pipeline_sequence_logps(model, batch)
+        return self.sequence_logps(model, batch)
 
     def preference_step(self, batch: dict[str, torch.Tensor], split: str = "train"
                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.pipeline_runner is not None:  # forward only, through the stages (validation)
-            policy = self.pipeline_sequence_logps(self.model, batch)
-        else:
-            policy = self.sequence_logps(self.model, batch)
+        policy = self.logps_of(self.model, batch)  # (under the pipeline: validation, forward only)
         return self.preference_losses(policy, self.reference_logps(batch, split), batch["labels"])
 
     def preference_losses(self, policy: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor
@@ -270,7 +271,6 @@ class DPOModule(ReferencePolicy, MoxinModule):
         rank's share together."""
         rank, world = data_parallel_rank(self.trainer)  # tensor-parallel ranks and pipeline stages share a share
         reference = reference if reference is not None else self._starting_model()
-        logps = self.pipeline_sequence_logps if self.pipeline_runner is not None else self.sequence_logps
         mine = list(range(rank, dataset.pairs(), world))
         share = torch.zeros(-(-dataset.pairs() // world), 2, dtype=torch.float64, device=self.device)
         size = datamodule.micro_batch_size
@@ -282,7 +282,7 @@ class DPOModule(ReferencePolicy, MoxinModule):
                      for i in indices or [0]]
             batch = {k: v.to(self.device) for k, v in datamodule.collate_fn(items).items()}
             with self.trainer.precision_plugin.forward_context():
-                values = logps(reference, batch).double().view(2, -1).T
+                values = self.logps_of(reference, batch).double().view(2, -1).T
             share[start:start + len(indices)] = values[:len(indices)]
         if world == 1:
             return share[:dataset.pairs()].cpu()
